@@ -1,0 +1,164 @@
+"""Where a format hurts: overflow, underflow, SQNR, dynamic-range use and bit-stall.
+
+Every statistic is returned as a 0-d tensor on the input's device, so calling these every step costs
+no host synchronisation; read them (``.item()``/``float()``) once per logging step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from altgrad.quantization.formats import FloatFormat, get_format
+from altgrad.quantization.quantize import _tiled_views, quantize
+
+__all__ = ["quantization_stats", "dynamic_range_used", "BitStallDetector"]
+
+
+def _scaled(x: torch.Tensor, scale: torch.Tensor | float | None) -> torch.Tensor:
+    xf = x.detach().to(torch.float32)
+    if scale is None:
+        return xf
+    if not isinstance(scale, torch.Tensor):
+        scale = torch.tensor(float(scale), dtype=torch.float32, device=x.device)
+    x_view, s_view = _tiled_views(xf, scale.to(torch.float32))
+    return (x_view * s_view).reshape(x.shape)
+
+
+def dynamic_range_used(q: torch.Tensor, fmt: FloatFormat | str) -> torch.Tensor:
+    """Share of the format's binades (``min_subnormal`` .. ``max_value``) that hold at least one of the
+    nonzero finite values of ``q`` (values already on the format's grid, in the format's units).
+
+    Example:
+        >>> dynamic_range_used(torch.tensor([1.0, 1.5, 2.0, 0.0]), "e2m1")   # binades 2^0, 2^1 of 4
+        tensor(0.5000)
+    """
+    fmt = get_format(fmt)
+    q = q.detach().to(torch.float32).abs()
+    nonzero = (q > 0) & torch.isfinite(q)
+    lowest = int(math.floor(math.log2(fmt.min_subnormal)))
+    binade = torch.floor(torch.log2(torch.where(nonzero, q, torch.ones_like(q)))) - lowest
+    binade = binade.clamp(0, fmt.num_binades - 1).to(torch.int64)
+    hist = torch.zeros(fmt.num_binades, dtype=torch.float32, device=q.device)
+    hist.scatter_add_(0, binade.reshape(-1), nonzero.reshape(-1).to(torch.float32))
+    return (hist > 0).sum().to(torch.float32) / fmt.num_binades
+
+
+def quantization_stats(
+    x: torch.Tensor,
+    fmt: FloatFormat | str,
+    scale: torch.Tensor | float | None = None,
+    q: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """How well ``fmt`` (after ``scale``) carries ``x``. All values are 0-d tensors; no host sync.
+
+    - ``overflow_rate``: fraction of elements with ``|x * scale| > max_value`` (inf included).
+    - ``underflow_rate``: fraction of elements that are nonzero but quantize to zero.
+    - ``sqnr_db``: ``10 log10(sum(xs^2) / sum((xs - q)^2))`` on the scaled values (inf when exact).
+    - ``dynamic_range_used``: see :func:`dynamic_range_used`.
+    - ``amax``: ``max |x|`` (unscaled), for scale bookkeeping.
+
+    ``q`` may pass the already-quantized ``x * scale`` (nearest, saturating) to skip re-quantizing.
+
+    Example:
+        >>> s = quantization_stats(torch.tensor([1e-6, 1.0, 1000.0, 0.0]), "e4m3")
+        >>> s["overflow_rate"].item(), s["underflow_rate"].item()
+        (0.25, 0.25)
+    """
+    fmt = get_format(fmt)
+    xs = _scaled(x, scale)
+    if q is None:
+        q = quantize(xs, fmt)
+    q = q.detach().to(torch.float32)
+    n = max(xs.numel(), 1)
+    finite = torch.isfinite(xs)
+    overflow = (xs.abs() > fmt.max_value).sum() / n
+    underflow = ((xs != 0) & (q == 0)).sum() / n
+    signal = torch.where(finite, xs, torch.zeros_like(xs)).double().square().sum()
+    noise = torch.where(finite & torch.isfinite(q), xs - q, torch.zeros_like(xs)).double().square().sum()
+    sqnr = torch.where(
+        noise > 0, 10.0 * torch.log10(signal / noise.clamp_min(1e-300)), torch.full_like(noise, math.inf)
+    ).to(torch.float32)
+    return {
+        "overflow_rate": overflow.to(torch.float32),
+        "underflow_rate": underflow.to(torch.float32),
+        "sqnr_db": sqnr,
+        "dynamic_range_used": dynamic_range_used(q, fmt),
+        "amax": x.detach().abs().amax().to(torch.float32) if x.numel() else torch.zeros((), device=x.device),
+    }
+
+
+class BitStallDetector:
+    """Counts updates that the format swallows: the optimizer moved a weight, but its quantized value
+    did not change ("bit-stall", the failure mode of low-precision weights and small learning rates).
+
+    For each tracked tensor, call :meth:`update` with the weight before and after an optimizer step and
+    the format the weight is stored or used in. An element is *updated* if ``after != before`` and
+    *stalled* if, in addition, ``quantize(after * scale) == quantize(before * scale)``. For weights stored
+    in the format, pass the stored value as ``before`` and the unrounded optimizer result as ``after``.
+    Counts accumulate on device; :meth:`get_stall_rate` reads them (one sync), :meth:`reset` clears.
+
+    Example:
+        >>> det = BitStallDetector()
+        >>> w0 = torch.tensor([1.0, 1.0, 1.0, 1.0])
+        >>> det.update("w", w0, w0 + torch.tensor([1e-4, 0.2, 0.0, -1e-3]), "e4m3")
+        >>> det.get_stall_rate()      # 2 of the 3 updated elements did not move on the E4M3 grid
+        0.6666666666666666
+    """
+
+    def __init__(self) -> None:
+        self._updated: dict[str, torch.Tensor] = {}
+        self._stalled: dict[str, torch.Tensor] = {}
+        self._range: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def update(
+        self,
+        name: str,
+        before: torch.Tensor,
+        after: torch.Tensor,
+        fmt: FloatFormat | str,
+        scale: torch.Tensor | float | None = None,
+        rounding: str = "nearest",
+    ) -> None:
+        if before.shape != after.shape:
+            raise ValueError(f"{name}: before {tuple(before.shape)} and after {tuple(after.shape)} differ in shape")
+        fmt = get_format(fmt)
+        q_before = quantize(before, fmt, scale, rounding=rounding)
+        q_after = quantize(after, fmt, scale, rounding=rounding)
+        updated = after != before
+        stalled = updated & (q_after == q_before)
+        up = updated.sum().to(torch.float64)
+        st = stalled.sum().to(torch.float64)
+        self._updated[name] = self._updated[name] + up if name in self._updated else up
+        self._stalled[name] = self._stalled[name] + st if name in self._stalled else st
+        self._range[name] = dynamic_range_used(q_after, fmt)
+
+    def get_layer_stall_rates(self) -> dict[str, float]:
+        """Per-tensor stall rate (stalled / updated); 0 for tensors with no updates."""
+        return {
+            name: float(self._stalled[name] / self._updated[name]) if float(self._updated[name]) > 0 else 0.0
+            for name in self._updated
+        }
+
+    def get_stall_rate(self) -> float:
+        """Aggregate stall rate over every tracked element (element-weighted)."""
+        if not self._updated:
+            return 0.0
+        updated = torch.stack([v.to("cpu") for v in self._updated.values()]).sum()
+        stalled = torch.stack([v.to("cpu") for v in self._stalled.values()]).sum()
+        return float(stalled / updated) if updated > 0 else 0.0
+
+    def get_counts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Raw on-device ``(stalled, updated)`` counts per tensor, e.g. to all-reduce across ranks."""
+        return {name: (self._stalled[name], self._updated[name]) for name in self._updated}
+
+    def get_dynamic_range_usage(self) -> dict[str, float]:
+        """Per-tensor share of the format's binades used by the latest quantized weights."""
+        return {name: float(v) for name, v in self._range.items()}
+
+    def reset(self) -> None:
+        self._updated.clear()
+        self._stalled.clear()
+        self._range.clear()

@@ -1,0 +1,253 @@
+"""The rounding kernel: float32 -> any :class:`FloatFormat` grid, by integer arithmetic on the float32 bits.
+
+One function, :func:`round_to_format`, does the whole job in a single elementwise expression so that
+``torch.compile`` can fuse it into one pass over memory (read x, write q). The same Python function runs
+eagerly as the reference path, so the fast and the slow path are one piece of code and agree bit for bit.
+
+Why integers and not ``torch.round(x / ulp) * ulp``: the integer form needs no division, no
+``log2`` and no per-element power-of-two construction, vectorises as plain SIMD integer ops, and makes
+stochastic rounding exact (add uniform random low bits, truncate).
+
+How it works, for a target with ``M`` mantissa bits and smallest normal exponent ``emin``:
+the float32 magnitude ``a`` (its bits as an int) is an ordered integer whose low 23 bits are the mantissa.
+Rounding to ``M`` bits in a normal binade means clearing the low ``23 - M`` bits with a rounding
+increment; a carry into the exponent field is exactly the move to the next binade. Below ``2**emin``
+the target's spacing stays ``2**(emin - M)``, so more bits are dropped. Float32 subnormals have a fixed
+spacing of ``2**-149`` and are rounded the same way with their own drop count. Magnitudes below the
+target's smallest subnormal round to 0 or to that subnormal. Finally overflow, NaN and the sign are
+applied per the format's convention.
+
+Format parameters travel as a small int32 tensor, not as Python constants, so a compiled kernel serves
+every format without recompiling.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+
+import torch
+
+from altgrad.quantization.formats import FloatFormat, Special
+
+logger = logging.getLogger(__name__)
+
+ROUNDING_MODES = ("nearest", "stochastic", "zero")
+
+_F32_INF_BITS = 0x7F800000
+_F32_QNAN_BITS = 0x7FC00000
+_ABS_MASK = 0x7FFFFFFF
+
+# Layout of the int32 parameter vector (one per format and device, cached).
+(
+    P_MAN_BITS,  # M
+    P_EMIN_BIASED,  # smallest normal exponent, float32-biased (emin + 127)
+    P_MAX_BITS,  # float32 bits of max_value
+    P_MIN_SUB_BITS,  # float32 bits of the smallest positive value
+    P_HALF_MIN_SUB_BITS,  # float32 bits of half of it (0 when that is below float32's range)
+    P_OVERFLOW_BITS,  # what non-saturating overflow gives: inf, NaN, or max for formats with neither
+    P_UNDERFLOW_BITS,  # what magnitudes below min/2 give: 0, or min for formats without zero (E8M0)
+    P_SIGN_MASK,  # 0x80000000 for signed formats, 0 for unsigned ones
+    P_ZERO_SIGN_MASK,  # sign kept on a zero result: 0x80000000 with -0, 0 without (FNUZ)
+    P_NAN_BELOW,  # inputs whose int32 bits are below this become NaN: 1 for unsigned (x <= 0), INT_MIN otherwise
+    P_LSB_OR,  # with P_LSB_XOR: turns `a` into a word whose bit `drop` is the parity of the kept code
+    P_LSB_XOR,
+) = range(12)
+_NUM_PARAMS = 12
+_INT32_MIN = -(2**31)
+
+
+def _f32_bits(value: float) -> int:
+    return int(torch.tensor(value, dtype=torch.float32).view(torch.int32).item())
+
+
+def format_params(fmt: FloatFormat) -> list[int]:
+    """The integer description of ``fmt`` that :func:`round_to_format` consumes."""
+    min_sub = fmt.min_subnormal
+    overflow_bits = {
+        Special.IEEE: _F32_INF_BITS,  # IEEE-like formats overflow to inf
+        Special.FN: _F32_QNAN_BITS,  # finite+NaN formats overflow to NaN
+        Special.FNUZ: _F32_QNAN_BITS,
+        Special.FINITE: _f32_bits(fmt.max_value),  # no inf/NaN code: the format itself saturates
+    }[fmt.special]
+    params = [0] * _NUM_PARAMS
+    params[P_MAN_BITS] = fmt.man_bits
+    params[P_EMIN_BIASED] = fmt.emin + 127
+    params[P_MAX_BITS] = _f32_bits(fmt.max_value)
+    params[P_MIN_SUB_BITS] = _f32_bits(min_sub)
+    params[P_HALF_MIN_SUB_BITS] = _f32_bits(min_sub / 2)
+    params[P_OVERFLOW_BITS] = overflow_bits
+    params[P_UNDERFLOW_BITS] = 0 if fmt.subnormals else _f32_bits(min_sub)
+    params[P_SIGN_MASK] = _INT32_MIN if fmt.signed else 0
+    params[P_ZERO_SIGN_MASK] = _INT32_MIN if fmt.has_negative_zero else 0
+    # E8M0 has neither sign nor zero: negative inputs and zero become NaN, as in ml_dtypes.
+    params[P_NAN_BELOW] = 1 if not fmt.signed else _INT32_MIN
+    # Ties go to the neighbour whose *code* is even. With M >= 1 the code's lsb is bit `drop` of the
+    # significand, whose implicit bit (bit 23) is 1 -- not the float32 exponent lsb `a` holds there.
+    # With M == 0 every kept significand is 1 and the code's lsb is the target exponent code's lsb:
+    # (e + bias) & 1, i.e. float32's exponent lsb flipped when the two biases differ in parity.
+    if fmt.man_bits > 0:
+        params[P_LSB_OR], params[P_LSB_XOR] = 1 << 23, 0
+    else:
+        params[P_LSB_OR], params[P_LSB_XOR] = 0, ((fmt.bias - 127) & 1) << 23
+    return params
+
+
+def needs_exact_subnormal_exponent(fmt: FloatFormat) -> bool:
+    """Formats with binades below float32's smallest normal (E8M0) need the true exponent of float32
+    subnormal inputs; every other format sees them through one uniform spacing (a cheaper kernel)."""
+    return fmt.emin < -126
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser on int32 lanes (multiplies wrap, shifts are made logical)."""
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * -2048144789  # 0x85ebca6b as int32
+    h = h ^ ((h >> 13) & 0x7FFFF)
+    h = h * -1028477387  # 0xc2b2ae35 as int32
+    return h ^ ((h >> 16) & 0xFFFF)
+
+
+def random_bits(shape: torch.Size, seeds: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """32 random bits per element (int32) from a counter-based hash of (element index, seeds).
+
+    Counter-based, so nothing is materialised ahead of the kernel: under ``torch.compile`` the index is
+    an iota and the hash is fused into the rounding pass. ``seeds`` holds two int32 draws from torch's
+    generator, which makes the stream reproducible under ``torch.manual_seed``.
+    """
+    numel = 1
+    for s in shape:
+        numel = numel * s
+    idx = torch.arange(numel, device=device, dtype=torch.int32).view(shape)
+    return _fmix32((idx ^ seeds[1]) * -1640531527 + seeds[0])  # Weyl step 0x9e3779b9, then mix
+
+
+def round_to_format(
+    x: torch.Tensor,
+    scale: torch.Tensor | None,
+    params: torch.Tensor,
+    seeds: torch.Tensor | None,
+    rounding: str,
+    saturate: bool,
+    dequantize: bool,
+    exact_subnormal_exponent: bool = False,
+) -> torch.Tensor:
+    """Round ``x * scale`` onto the grid described by ``params``; return float32 (divided back by
+    ``scale`` when ``dequantize``). ``scale`` must broadcast against ``x``.
+
+    This is the whole quantizer; the public API in :mod:`altgrad.quantization.quantize` only validates,
+    reshapes and dispatches here (eagerly or compiled).
+    """
+    xf = x.to(torch.float32)
+    if scale is not None:
+        xf = xf * scale
+    man_bits = params[P_MAN_BITS]
+    emin_b = params[P_EMIN_BIASED]
+
+    bits = xf.view(torch.int32)
+    # NaN magnitudes are pinned to inf's bits so the additions below cannot overflow int32; NaN is
+    # restored from `bits` at the end.
+    a = torch.minimum(bits & _ABS_MASK, torch.tensor(_F32_INF_BITS, dtype=torch.int32, device=bits.device))
+    exp_b = a >> 23  # float32 biased exponent field
+    # Low bits of `a` that fall below the target's spacing 2**(max(e, emin) - M). Float32 subnormals
+    # (field 0) share binade 1's spacing, which is exact whenever the format's emin >= -126.
+    drop = (23 - man_bits) + torch.clamp(emin_b - torch.clamp(exp_b, min=1), min=0)
+    if exact_subnormal_exponent:
+        # True biased exponent of a float32 subnormal, from the exact int->float conversion of `a`.
+        sub_exp_b = (a.to(torch.float32).view(torch.int32) >> 23) - 149
+        drop = torch.where(exp_b == 0, torch.maximum(sub_exp_b, emin_b) - man_bits + 22, drop)
+    drop = torch.clamp(drop, max=24)  # larger drops only occur on the `tiny` lanes, handled below
+    low_mask = (torch.ones_like(drop) << drop) - 1
+
+    if rounding == "nearest":
+        # Ties to even: add half an ulp, minus one unless the kept lsb is odd.
+        lsb = ((((a | params[P_LSB_OR]) ^ params[P_LSB_XOR]) >> drop) & 1)
+        r = (a + (low_mask >> 1) + lsb) & ~low_mask
+    elif rounding == "zero":
+        r = a & ~low_mask
+    elif rounding == "stochastic":
+        rand = random_bits(a.shape, seeds, a.device)
+        r = (a + (rand & low_mask)) & ~low_mask
+    else:  # validated by the caller; kept for direct users of the kernel
+        raise ValueError(f"unknown rounding {rounding!r}; accepted: {ROUNDING_MODES}")
+
+    # Magnitudes below the smallest subnormal: 0 (or, without a zero, the smallest value) vs
+    # min_subnormal, decided on the value itself.
+    min_sub_bits = params[P_MIN_SUB_BITS]
+    if rounding == "nearest":
+        up = a > params[P_HALF_MIN_SUB_BITS]  # exactly half goes to the even neighbour, zero
+    elif rounding == "zero":
+        up = torch.zeros_like(a, dtype=torch.bool)
+    else:
+        # P(up) = |x| / min_subnormal: an exact power-of-two rescaling compared against 24 random
+        # bits, i.e. a probability error below 2**-24.
+        ratio = a.view(torch.float32) / min_sub_bits.view(torch.float32)
+        up = ((rand >> 8) & 0xFFFFFF).to(torch.float32) < ratio * 16777216.0
+    r = torch.where(a < min_sub_bits, torch.where(up, min_sub_bits, params[P_UNDERFLOW_BITS]), r)
+
+    # Overflow: the rounded magnitude left the finite range (inf inputs included).
+    max_bits = params[P_MAX_BITS]
+    r = torch.where(r > max_bits, max_bits if saturate else params[P_OVERFLOW_BITS], r)
+
+    # Sign (dropped from zeros in formats without -0), then NaN.
+    sign = bits & torch.where(r == 0, params[P_ZERO_SIGN_MASK], params[P_SIGN_MASK])
+    r = r | sign
+    is_nan = ((bits & _ABS_MASK) > _F32_INF_BITS) | (bits < params[P_NAN_BELOW])
+    r = torch.where(is_nan, _F32_QNAN_BITS, r)
+    q = r.view(torch.float32)
+    if dequantize and scale is not None:
+        q = q / scale
+    return q
+
+
+# ---------------------------------------------------------------------------- dispatch
+_COMPILE_DISABLED_ENV = "ALTGRAD_DISABLE_COMPILE"
+_compile_lock = threading.Lock()
+_compile_failed: set[str] = set()
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_kernel(device_type: str):
+    # dynamic=True: one graph serves every tensor size (no recompilation per shape). Format parameters
+    # are tensors, so one graph also serves every format.
+    return torch.compile(round_to_format, dynamic=True, fullgraph=True)
+
+
+def compile_enabled(device_type: str) -> bool:
+    """Whether the fused (``torch.compile``) path is used for tensors on ``device_type``."""
+    if os.environ.get(_COMPILE_DISABLED_ENV, "0") not in ("", "0", "false", "False"):
+        return False
+    if device_type in _compile_failed:
+        return False
+    return device_type in ("cpu", "cuda")
+
+
+def run_kernel(*args, use_compile: bool | None = None) -> torch.Tensor:
+    """Run :func:`round_to_format` through the fused path when available, else eagerly.
+
+    The fused path is the default. If compilation fails on this machine (no C++ compiler, an
+    unsupported backend) altgrad logs one warning and keeps working eagerly — same results, slower.
+    """
+    x = args[0]
+    device_type = x.device.type
+    if use_compile is None:
+        use_compile = compile_enabled(device_type) and not torch.compiler.is_compiling()
+    if not use_compile:
+        return round_to_format(*args)
+    try:
+        return _compiled_kernel(device_type)(*args)
+    except Exception as exc:  # noqa: BLE001 - any backend failure falls back to the identical eager code
+        with _compile_lock:
+            if device_type not in _compile_failed:
+                _compile_failed.add(device_type)
+                logger.warning(
+                    "altgrad: torch.compile of the quantization kernel failed on %s (%s: %s); "
+                    "using the eager path (same results, slower). Set %s=1 to silence this.",
+                    device_type,
+                    type(exc).__name__,
+                    str(exc).splitlines()[0] if str(exc) else "",
+                    _COMPILE_DISABLED_ENV,
+                )
+        return round_to_format(*args)

@@ -1,0 +1,232 @@
+"""Public quantization API: :func:`quantize`, :func:`dequantize`, :func:`fake_quantize`.
+
+Scales tile the tensor: a scale of shape ``s`` applied to ``x`` of shape ``x.shape`` means one scale per
+block of shape ``x.shape[i] // s[i]`` (``s`` is left-padded with ones). That single rule covers every
+granularity in use:
+
+========================  =========================  ==================
+granularity               x                          scale
+========================  =========================  ==================
+per tensor                ``(M, K)``                 ``()`` or ``(1, 1)``
+per row (amax over K)     ``(M, K)``                 ``(M, 1)``
+MX, 1x32 blocks           ``(M, K)``                 ``(M, K // 32)``
+DeepSeek 1x128            ``(M, K)``                 ``(M, K // 128)``
+128x128 tiles             ``(M, K)``                 ``(M // 128, K // 128)``
+========================  =========================  ==================
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from altgrad.quantization.formats import FloatFormat, get_format
+from altgrad.quantization.kernels import ROUNDING_MODES, format_params, needs_exact_subnormal_exponent, run_kernel
+
+__all__ = ["quantize", "dequantize", "fake_quantize", "block_shape_of"]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=256)
+def _params_on(fmt: FloatFormat, device: torch.device) -> torch.Tensor:
+    # Cached per (format, device): on CUDA this avoids a host-to-device copy per call.
+    return torch.tensor(format_params(fmt), dtype=torch.int32, device=device)
+
+
+def _check_tensor(x: torch.Tensor, what: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{what} must be a float tensor ({', '.join(str(d) for d in _FLOAT_DTYPES)}), got {x.dtype}; "
+            "integer tensors have no low-precision float image"
+        )
+
+
+def block_shape_of(x_shape: torch.Size, scale_shape: torch.Size) -> tuple[int, ...]:
+    """The block each scale element covers, ``x.shape[i] // scale.shape[i]``; raises if scale does not tile x.
+
+    Example:
+        >>> block_shape_of(torch.Size([4, 64]), torch.Size([4, 2]))
+        (1, 32)
+    """
+    if len(scale_shape) > len(x_shape):
+        if math.prod(scale_shape) == 1:  # e.g. a (1, 1) per-tensor scale for a 1-D tensor
+            scale_shape = torch.Size([1] * len(x_shape))
+        else:
+            raise ValueError(f"scale of shape {tuple(scale_shape)} has more dims than x of shape {tuple(x_shape)}")
+    padded = (1,) * (len(x_shape) - len(scale_shape)) + tuple(scale_shape)
+    blocks = []
+    for dim, (n, s) in enumerate(zip(x_shape, padded)):
+        if s == 0 or n % s != 0:
+            raise ValueError(
+                f"scale of shape {tuple(scale_shape)} does not tile x of shape {tuple(x_shape)}: along dim {dim}, "
+                f"{n} is not a multiple of {s}. Accepted scale shapes: one value (per tensor), x's shape with 1 "
+                "on the reduced dims (per row), or x's shape divided by a block shape (per block)"
+            )
+        blocks.append(n // s if s else n)
+    return tuple(blocks)
+
+
+def _tiled_views(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """View x as (s0, b0, s1, b1, ...) and scale as (s0, 1, s1, 1, ...), then merge neighbouring dims.
+
+    Merging keeps the number of distinct ranks the compiled kernel sees small: per tensor becomes 1-D,
+    per row and 1xN blocks become 2-D, 2-D tiles 4-D.
+    """
+    blocks = block_shape_of(x.shape, scale.shape)
+    counts = [n // b for n, b in zip(x.shape, blocks)]
+    dims: list[tuple[int, bool]] = []  # (size, indexed by scale?)
+    for c, b in zip(counts, blocks):
+        dims.append((c, True))
+        dims.append((b, False))
+    dims = [d for d in dims if d[0] != 1]
+    merged: list[list] = []
+    for size, scaled in dims:
+        if merged and merged[-1][1] == scaled:
+            merged[-1][0] *= size
+        else:
+            merged.append([size, scaled])
+    if not merged:
+        merged = [[1, False]]
+    x_view = x.reshape([m[0] for m in merged])
+    s_view = scale.reshape([m[0] if m[1] else 1 for m in merged])
+    return x_view, s_view
+
+
+def _seeds(device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    # Two 32-bit draws from torch's RNG: reproducible under torch.manual_seed or an explicit generator.
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    seeds = torch.randint(-(2**31), 2**31, (2,), dtype=torch.int32, device=gen_device, generator=generator)
+    return seeds.to(device, non_blocking=True)
+
+
+def _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequant) -> torch.Tensor:
+    _check_tensor(x)
+    fmt = get_format(fmt)
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"unknown rounding {rounding!r}; accepted: {list(ROUNDING_MODES)}")
+    out_dtype = x.dtype
+    if scale is not None:
+        if not isinstance(scale, torch.Tensor):
+            scale = torch.tensor(float(scale), dtype=torch.float32, device=x.device)
+        _check_tensor(scale, "scale")
+        if scale.device != x.device:
+            raise ValueError(f"scale is on {scale.device} but x is on {x.device}")
+        x_view, s_view = _tiled_views(x, scale.to(torch.float32))
+    else:
+        x_view, s_view = x.reshape(-1), None
+    seeds = _seeds(x.device, generator) if rounding == "stochastic" else None
+    # detach(): the kernel never needs autograd history, and a plain tensor (not a view with a `_base`)
+    # keeps torch.compile's guards on shapes only.
+    q = run_kernel(
+        x_view.detach(),
+        None if s_view is None else s_view.detach(),
+        _params_on(fmt, x.device),
+        seeds,
+        rounding,
+        bool(saturate),
+        dequant,
+        needs_exact_subnormal_exponent(fmt),
+    )
+    return q.reshape(x.shape).to(out_dtype)
+
+
+class _QuantizeSTE(torch.autograd.Function):
+    """Straight-through estimator: rounding is treated as identity in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, fmt, scale, rounding, saturate, generator, dequant):
+        ctx.save_for_backward(scale if (scale is not None and not dequant) else None)
+        ctx.dequant = dequant
+        return _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequant)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (scale,) = ctx.saved_tensors
+        if not ctx.dequant and scale is not None:
+            # d(x * scale)/dx = scale, broadcast over the tile each scale covers.
+            x_view, s_view = _tiled_views(grad, scale.to(grad.dtype))
+            grad = (x_view * s_view).reshape(grad.shape)
+        return grad, None, None, None, None, None, None
+
+
+def _dispatch(x, fmt, scale, rounding, saturate, generator, dequant):
+    if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
+        if isinstance(scale, torch.Tensor) and scale.requires_grad:
+            scale = scale.detach()
+        return _QuantizeSTE.apply(x, fmt, scale, rounding, saturate, generator, dequant)
+    return _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequant)
+
+
+def quantize(
+    x: torch.Tensor,
+    fmt: FloatFormat | str,
+    scale: torch.Tensor | float | None = None,
+    rounding: str = "nearest",
+    saturate: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Round ``x * scale`` onto ``fmt``'s grid; same shape, dtype and device as ``x``.
+
+    Args:
+        x: float32, bfloat16 or float16 tensor, any shape, contiguous or not.
+        fmt: a :class:`FloatFormat` or a registry name (case-insensitive), e.g. ``"e4m3"``.
+        scale: ``None`` (no scaling), a number, or a tensor tiling ``x`` (see module docstring).
+            ``x * scale`` is formed in float32 before rounding; power-of-two scales make it exact.
+        rounding: ``"nearest"`` (ties to even), ``"stochastic"`` (unbiased; reproducible with
+            ``torch.manual_seed`` or ``generator``) or ``"zero"`` (toward zero).
+        saturate: ``True`` clamps finite overflow and ±inf to ±max (NaN stays NaN). ``False`` gives the
+            format's own overflow result: inf for IEEE-like formats, NaN for FN/FNUZ formats, max for
+            formats with neither.
+        generator: torch generator for stochastic rounding.
+
+    Values are returned on the grid in ``x``'s dtype; values the format holds but ``x``'s dtype does not
+    (e.g. 2**32 for E6M1 with a float16 input) follow that dtype's own cast. Subnormals of the format are
+    kept. The gradient is straight-through (times ``scale``).
+
+    Example:
+        >>> quantize(torch.tensor([0.3, 500.0, -1e-9]), "e4m3").tolist()
+        [0.3125, 448.0, -0.0]
+        >>> quantize(torch.tensor([500.0]), "e4m3", saturate=False)
+        tensor([nan])
+    """
+    return _dispatch(x, fmt, scale, rounding, saturate, generator, dequant=False)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Undo the scaling of :func:`quantize`: ``q / scale`` with the same tiling rule.
+
+    Example:
+        >>> s = torch.tensor(4.0)
+        >>> dequantize(quantize(torch.tensor([0.3]), "e4m3", scale=s), s)
+        tensor([0.3125])
+    """
+    _check_tensor(q, "q")
+    if scale is None:
+        return q
+    if not isinstance(scale, torch.Tensor):
+        scale = torch.tensor(float(scale), dtype=torch.float32, device=q.device)
+    q_view, s_view = _tiled_views(q, scale.to(torch.float32))
+    return (q_view.to(torch.float32) / s_view).reshape(q.shape).to(q.dtype)
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    fmt: FloatFormat | str,
+    scale: torch.Tensor | float | None = None,
+    rounding: str = "nearest",
+    saturate: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``dequantize(quantize(x, fmt, scale, ...), scale)`` in one fused pass: x's values as the format
+    would carry them, back in x's units. Gradient is straight-through.
+
+    Example:
+        >>> fake_quantize(torch.tensor([1000.0]), "e5m2", scale=torch.tensor(0.5))
+        tensor([1024.])
+    """
+    return _dispatch(x, fmt, scale, rounding, saturate, generator, dequant=True)

@@ -1,0 +1,282 @@
+"""Behaviour of the quantization API beyond bit-exactness: dtypes, layouts, scales, stochastic rounding,
+gradients, delayed scaling, statistics, bit-stall and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from altgrad.quantization import (
+    AmaxHistory,
+    BitStallDetector,
+    FloatFormat,
+    Granularity,
+    amax,
+    compute_scale,
+    dequantize,
+    fake_quantize,
+    get_format,
+    mx_scale,
+    quantization_stats,
+    quantize,
+    scaled_quantize,
+)
+
+
+def _ref_e4m3(x: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(x.float().numpy().astype(ml_dtypes.float8_e4m3fn).astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_keep_dtype_and_round_like_float32(dtype):
+    x = (torch.randn(4096) * 20).to(dtype)
+    q = quantize(x, "e4m3")
+    assert q.dtype == dtype and q.shape == x.shape
+    # E4M3 values are exactly representable in bf16/fp16, so the cast back is exact.
+    assert torch.equal(q.float(), _ref_e4m3(x.float().clamp(-448, 448)))
+
+
+def test_non_contiguous_inputs():
+    base = torch.randn(64, 96) * 10
+    for x in (base.t(), base[:, ::3], base.unfold(1, 8, 4)):
+        assert not x.is_contiguous()
+        q = quantize(x, "e4m3")
+        assert q.shape == x.shape
+        assert torch.equal(q, _ref_e4m3(x.contiguous().clamp(-448, 448)))
+
+
+def test_output_shape_dtype_device_and_scalar_input():
+    x = torch.tensor(3.3)
+    assert quantize(x, "e5m2").shape == ()
+    assert quantize(torch.empty(0, 5), "e5m2").shape == (0, 5)
+
+
+def test_per_tensor_scale_is_x_times_scale_rounded():
+    x = torch.randn(1000)
+    s = torch.tensor(37.0)
+    assert torch.equal(quantize(x, "e4m3", s), _ref_e4m3((x * s).clamp(-448, 448)))
+    assert torch.equal(quantize(x, "e4m3", 37.0), quantize(x, "e4m3", s))
+
+
+def test_per_row_scales():
+    x = torch.randn(16, 64) * torch.logspace(-3, 3, 16).unsqueeze(1)
+    a = amax(x, Granularity.per_row())
+    assert a.shape == (16, 1)
+    s = compute_scale(a, "e4m3")
+    q = quantize(x, "e4m3", s)
+    assert torch.equal(q, _ref_e4m3((x * s).clamp(-448, 448)))
+    # every row uses the full range: its largest element lands on max
+    assert torch.allclose(q.abs().amax(dim=1), torch.full((16,), 448.0))
+    # axis=0: one scale per column
+    s0 = compute_scale(amax(x, Granularity.per_row(axis=0)), "e4m3")
+    assert s0.shape == (1, 64)
+    assert torch.equal(quantize(x, "e4m3", s0), _ref_e4m3((x * s0).clamp(-448, 448)))
+
+
+@pytest.mark.parametrize("block", [(1, 32), (1, 128), (128, 128)])
+def test_per_block_scales(block):
+    x = torch.randn(256, 256) * torch.logspace(-4, 4, 256)
+    g = Granularity.per_block(*block)
+    a = amax(x, g)
+    assert a.shape == (256 // block[0], 256 // block[1])
+    s = compute_scale(a, "e4m3", power_of_two=True)
+    q = quantize(x, "e4m3", s)
+    s_full = s.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    assert torch.equal(q, _ref_e4m3((x * s_full).clamp(-448, 448)))
+    assert torch.equal(dequantize(q, s), q / s_full)
+    assert torch.equal(fake_quantize(x, "e4m3", s), q / s_full)
+
+
+def test_mx_block_32_with_e8m0_scale():
+    x = torch.randn(8, 64) * 3
+    a = amax(x, Granularity.per_block(32))
+    s = mx_scale(a, "e4m3")
+    # scales are powers of two on E8M0's grid, and elements land in [2^emax, 2^(emax+1)) at the block max
+    assert torch.equal(quantize(1.0 / s, "e8m0"), 1.0 / s)
+    assert torch.equal(torch.log2(s), torch.round(torch.log2(s)))
+    q = quantize(x, "e4m3", s)
+    top = q.abs().reshape(8, 2, 32).amax(-1)
+    assert torch.all((top >= 256) & (top <= 448))
+
+
+def test_scaled_quantize_roundtrip():
+    x = torch.randn(32, 64)
+    q, s = scaled_quantize(x, "e4m3", Granularity.per_row())
+    assert torch.allclose(dequantize(q, s), x, rtol=0.07, atol=0)
+
+
+def test_compute_scale_edge_cases_are_finite():
+    fmt = get_format("e4m3")
+    amaxes = torch.tensor([0.0, math.inf, -math.inf, math.nan, 1e-45, 1e38, 2.0])
+    s = compute_scale(amaxes, fmt)
+    assert torch.isfinite(s).all()
+    assert s[:4].tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert s[-1].item() == 224.0
+    assert compute_scale(torch.tensor(2.0), fmt, margin=1).item() == 112.0
+    p2 = compute_scale(torch.tensor(3.0), fmt, power_of_two=True).item()
+    assert p2 == 128.0 and 3.0 * p2 <= 448
+
+
+def test_amax_history_delayed_scaling():
+    h = AmaxHistory(window_size=3)
+    assert h.get_amax().item() == 0.0  # before any update: scale 1
+    for v in (1.0, 8.0, 2.0, 3.0):
+        h.update(torch.tensor([v, -v / 2]))
+    assert h.get_amax("max").item() == 8.0 or h.get_amax("max").item() == 3.0
+    # window of 3 holds 8, 2, 3 -> max 8; most recent 3
+    assert h.get_amax("max").item() == 8.0
+    assert h.get_amax("most_recent").item() == 3.0
+    h.update(torch.tensor([1.0]))  # 8 leaves the window
+    assert h.get_amax().item() == 3.0
+    state = h.state_dict()
+    h2 = AmaxHistory(window_size=3)
+    h2.load_state_dict(state)
+    assert torch.equal(h2.get_amax(), h.get_amax()) and len(h2) == 3
+    with pytest.raises(ValueError, match="window_size mismatch"):
+        AmaxHistory(window_size=4).load_state_dict(state)
+    with pytest.raises(ValueError, match="unknown amax algorithm"):
+        h.get_amax("mean")
+
+
+def test_stochastic_rounding_is_one_of_two_neighbours_and_unbiased():
+    fmt = get_format("e4m3")
+    grid = fmt.values().double()
+    # values strictly between neighbours, at several positions, incl. subnormal range and below min
+    lo = torch.tensor([1.0, 0.001953125, 256.0, 0.0, 3.0], dtype=torch.float64)
+    hi = torch.tensor([1.125, 0.00390625, 288.0, 0.001953125, 3.25], dtype=torch.float64)
+    frac = torch.tensor([0.3, 0.5, 0.9, 0.01, 0.77], dtype=torch.float64)
+    xs = (lo + frac * (hi - lo)).float()
+    n = 200_000
+    torch.manual_seed(0)
+    for x, a, b in zip(xs, lo, hi):
+        q = quantize(torch.full((n,), x.item()), fmt, rounding="stochastic").double()
+        assert torch.isin(q, torch.stack([a, b])).all()
+        p = (x.double() - a) / (b - a)
+        # the mean of n Bernoulli draws has std (b-a)*sqrt(p(1-p)/n); 5 sigma: false alarm ~6e-7
+        sigma = (b - a) * math.sqrt(p * (1 - p) / n)
+        assert abs(q.mean() - x.double()) < 5 * sigma + 1e-12, (x, q.mean())
+    assert torch.isin(quantize(torch.randn(1000), fmt, rounding="stochastic").double(), grid).all()
+
+
+def test_stochastic_rounding_reproducible():
+    x = torch.randn(10_000)
+    torch.manual_seed(7)
+    a = quantize(x, "e5m2", rounding="stochastic")
+    torch.manual_seed(7)
+    b = quantize(x, "e5m2", rounding="stochastic")
+    c = quantize(x, "e5m2", rounding="stochastic")
+    assert torch.equal(a, b) and not torch.equal(b, c)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(
+        quantize(x, "e5m2", rounding="stochastic", generator=g1),
+        quantize(x, "e5m2", rounding="stochastic", generator=g2),
+    )
+
+
+def test_round_toward_zero_never_grows_magnitude():
+    x = torch.randn(10_000) * 50
+    q = quantize(x, "e4m3", rounding="zero")
+    assert torch.all(q.abs() <= x.abs().clamp(max=448))
+    assert torch.all(torch.sign(q) * torch.sign(x) >= 0)
+
+
+def test_straight_through_gradient():
+    x = torch.randn(64, requires_grad=True)
+    s = torch.tensor(4.0)
+    quantize(x, "e4m3", s).sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 4.0))
+    x.grad = None
+    fake_quantize(x, "e4m3", s).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+    xb = torch.randn(4, 64, requires_grad=True)
+    sb = compute_scale(amax(xb, Granularity.per_block(32)), "e4m3")
+    (quantize(xb, "e4m3", sb) * 2).sum().backward()
+    assert torch.equal(xb.grad, 2 * sb.repeat_interleave(32, 1))
+
+
+def test_quantization_stats():
+    x = torch.tensor([1e-6, 1.0, 1000.0, 0.0, -500.0, 0.3])
+    st = quantization_stats(x, "e4m3")
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in st.values())
+    assert st["overflow_rate"].item() == pytest.approx(2 / 6)
+    assert st["underflow_rate"].item() == pytest.approx(1 / 6)
+    assert st["amax"].item() == 1000.0
+    # exact values: SQNR is infinite
+    assert math.isinf(quantization_stats(torch.tensor([1.0, 2.0, 0.5]), "e4m3")["sqnr_db"].item())
+    # a known noise level: the SQNR of E4M3 on N(0,1) is about 6.02*4 + ~7 dB (3 mantissa bits + implicit)
+    sq = quantization_stats(torch.randn(100_000), "e4m3")["sqnr_db"].item()
+    assert 25 < sq < 35
+    # range use: values in binades 2^0 and 2^1 of E2M1's four binades (2^-1..2^2)
+    st = quantization_stats(torch.tensor([1.0, 1.5, 2.0, 3.0]), "e2m1")
+    assert st["dynamic_range_used"].item() == pytest.approx(0.5)
+
+
+def test_bit_stall_matches_hand_count():
+    det = BitStallDetector()
+    before = torch.tensor([1.0, 1.0, 1.0, 1.0, 16.0, 0.5])
+    after = torch.tensor([1.0 + 1e-3, 1.2, 1.0, 1.0 - 1e-2, 16.5, 0.5 + 0.0625])
+    # E4M3 spacing at 1 is 0.125, at 16 is 2, at 0.5 is 0.0625:
+    # updated: 0,1,3,4,5 (5); stalled: 0 (1.001->1), 3 (0.99->1), 4 (16.5->16) -> 3/5
+    det.update("layer.weight", before, after, "e4m3")
+    assert det.get_stall_rate() == pytest.approx(3 / 5)
+    det.update("other.weight", torch.zeros(3), torch.tensor([1e-9, 0.0, 0.0]), "e4m3")  # 1 updated, stalled
+    assert det.get_layer_stall_rates() == pytest.approx({"layer.weight": 0.6, "other.weight": 1.0})
+    assert det.get_stall_rate() == pytest.approx(4 / 6)
+    assert set(det.get_dynamic_range_usage()) == {"layer.weight", "other.weight"}
+    det.reset()
+    assert det.get_stall_rate() == 0.0
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda: quantize(torch.randn(3), "e9m9"), ValueError, "registered formats: .*E4M3"),
+        (lambda: quantize(torch.arange(3), "e4m3"), TypeError, "float tensor"),
+        (lambda: quantize([1.0, 2.0], "e4m3"), TypeError, "torch.Tensor"),
+        (lambda: quantize(torch.randn(3), 42), TypeError, "FloatFormat or a registry name"),
+        (lambda: quantize(torch.randn(4, 6), "e4m3", torch.ones(4, 4)), ValueError, "does not tile"),
+        (lambda: quantize(torch.randn(4, 6), "e4m3", torch.ones(3, 1)), ValueError, "does not tile"),
+        (lambda: quantize(torch.randn(3), "e4m3", rounding="up"), ValueError, "accepted: .*stochastic"),
+        (lambda: amax(torch.randn(4, 48), Granularity.per_block(32)), ValueError, "block size 32 does not divide"),
+        (lambda: Granularity("tile"), ValueError, "accepted: 'tensor', 'row', 'block'"),
+        (lambda: FloatFormat("bad", exp_bits=-1, man_bits=3), ValueError, "exp_bits must be >= 1"),
+        (lambda: FloatFormat("bad", exp_bits=4, man_bits=-2), ValueError, "man_bits must be >= 0"),
+        (lambda: FloatFormat("big", exp_bits=8, man_bits=10), ValueError, "more than 16"),
+        (lambda: FloatFormat("e1", exp_bits=1, man_bits=3, special="ieee"), ValueError, "no normal numbers"),
+        (lambda: FloatFormat("e1m0", exp_bits=1, man_bits=0), ValueError, "no normal numbers"),
+        (lambda: FloatFormat("far", exp_bits=8, man_bits=3, bias=-10), ValueError, "outside what float32"),
+        (lambda: FloatFormat("x", exp_bits=4, man_bits=3, special="weird"), ValueError, "accepted: .*ieee"),
+    ],
+)
+def test_bad_input_is_rejected_clearly(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_user_defined_format_and_case_insensitive_names():
+    fmt = FloatFormat("E3M4B5", exp_bits=3, man_bits=4, bias=5, special="ieee")
+    assert fmt.max_value == math.ldexp(1 + 15 / 16, 6 - 5)
+    x = torch.randn(1000)
+    q = quantize(x, fmt)
+    assert torch.isin(q.abs(), fmt.values().abs()).all()
+    assert get_format("e4m3") is get_format("E4M3") is get_format("e4m3fn")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic", "zero"])
+def test_cuda_matches_cpu(rounding):
+    x = torch.randn(1 << 20) * torch.exp2(torch.randint(-20, 20, (1 << 20,)).float())
+    for name in ("e4m3", "e5m2", "e3m4", "e2m1", "e8m0"):
+        xs = x.abs() if name == "e8m0" else x
+        gen_cpu = torch.Generator().manual_seed(0)
+        cpu = quantize(xs, name, rounding=rounding, generator=gen_cpu)
+        gen_cpu2 = torch.Generator().manual_seed(0)  # seeds come from the CPU generator on both paths
+        gpu = quantize(xs.cuda(), name, rounding=rounding, generator=gen_cpu2)
+        gpu = gpu.cpu()
+        same = (gpu.view(torch.int32) == cpu.view(torch.int32)) | (torch.isnan(gpu) & torch.isnan(cpu))
+        assert same.all(), name
