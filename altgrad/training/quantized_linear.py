@@ -1,0 +1,383 @@
+"""Quantized training applied from outside the model: `quantize_model` swaps selected `nn.Linear`s for
+:class:`QuantLinear`, whose autograd function quantizes both operands of all three GEMMs the way real
+FP8 training does:
+
+    forward:           y  = Q_a(x) @ Q_w(W)^T + b
+    backward (input):  dx = Q_g(dy) @ Q_w(W)
+    backward (weight): dW = Q_g(dy)^T @ Q_a(x)
+
+Master weights stay in high precision (unless the recipe stores them quantized); nothing is copied
+into ``param.data`` around the forward pass. A `QuantLinear` keeps the `nn.Linear`'s own parameters
+(same objects, same state-dict keys), so a saved model is a plain model that loads without altgrad.
+
+Example:
+    >>> import torch.nn as nn
+    >>> from altgrad.training import quantize_model, get_recipe
+    >>> net = nn.Sequential(nn.Linear(8, 8))
+    >>> quantizer = quantize_model(net, get_recipe("fp8_hybrid"), modules=["*"])
+    >>> [name for name, _ in quantizer.layers]
+    ['0']
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from altgrad.quantization import (
+    AmaxHistory,
+    BitStallDetector,
+    Granularity,
+    amax,
+    compute_scale,
+    dequantize,
+    fake_quantize,
+    mx_scale,
+    quantization_stats,
+    quantize,
+)
+from altgrad.training.recipe import TENSOR_ROLES, QuantRecipe, TensorQuantSpec, get_recipe
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TensorQuantizer", "QuantLinear", "ModelQuantizer", "quantize_model", "STAT_NAMES"]
+
+STAT_NAMES = ("overflow_rate", "underflow_rate", "sqnr_db", "dynamic_range_used", "amax", "scale")
+
+
+class TensorQuantizer:
+    """Quantizes one tensor role of one layer: keeps its scaling state and (on request) its statistics.
+
+    Statistics accumulate as on-device tensors only while ``collect_stats`` is on (the trainer turns
+    it on for the steps it logs), so ordinary steps pay for quantization alone.
+    """
+
+    def __init__(self, spec: TensorQuantSpec, name: str = "") -> None:
+        self.spec = spec
+        self.name = name
+        if spec.granularity == "tensor":
+            self.granularity = Granularity.per_tensor()
+        elif spec.granularity == "row":
+            self.granularity = Granularity.per_row(-1)
+        else:
+            self.granularity = Granularity.per_block(spec.block_size)
+        self.history = AmaxHistory(spec.amax_history_len) if spec.scaling == "delayed" else None
+        self.collect_stats = False
+        self._stat_sums: dict[str, torch.Tensor] = {}
+        self._stat_count = 0
+        self.last_scale: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ scaling
+    def scale_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        spec = self.spec
+        if spec.scaling == "none":
+            return None
+        if spec.scaling == "delayed":
+            # The scale comes from *previous* steps' amaxes (no pass over x before the GEMM in a real
+            # kernel); the very first call has no history and uses its own amax.
+            if len(self.history):
+                amax_value = self.history.get_amax(spec.amax_algo)
+                self.history.update(x)
+            else:
+                amax_value = self.history.update(x)
+        else:
+            amax_value = amax(x, self.granularity)
+        if spec.scale_format == "E8M0":
+            scale = mx_scale(amax_value, spec.format)
+        else:
+            scale = compute_scale(amax_value, spec.format, margin=spec.margin, power_of_two=spec.power_of_two)
+        self.last_scale = scale
+        return scale
+
+    # ------------------------------------------------------------------ quantize
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``x`` (quantize, then divide the scale back out)."""
+        spec = self.spec
+        scale = self.scale_for(x)
+        if not self.collect_stats:
+            return fake_quantize(x, spec.format, scale, rounding=spec.rounding, saturate=spec.saturate)
+        q = quantize(x, spec.format, scale, rounding=spec.rounding, saturate=spec.saturate)
+        self._accumulate(quantization_stats(x, spec.format, scale, q=q), scale)
+        return dequantize(q, scale)
+
+    def _accumulate(self, stats: dict[str, torch.Tensor], scale: torch.Tensor | None) -> None:
+        stats = dict(stats)
+        stats["scale"] = (
+            torch.ones((), device=stats["amax"].device) if scale is None else scale.detach().float().mean()
+        )
+        # SQNR is averaged in dB but an exact (inf) SQNR would swamp the mean: cap at 200 dB.
+        stats["sqnr_db"] = stats["sqnr_db"].clamp(max=200.0)
+        for key, value in stats.items():
+            if key in self._stat_sums:
+                self._stat_sums[key] = self._stat_sums[key] + value.detach()
+            else:
+                self._stat_sums[key] = value.detach().clone()
+        self._stat_count += 1
+
+    def pop_stats(self) -> dict[str, torch.Tensor]:
+        """Mean of each statistic since the last call (on-device 0-d tensors), then reset."""
+        if not self._stat_count:
+            return {}
+        out = {k: v / self._stat_count for k, v in self._stat_sums.items()}
+        if "amax" in self._stat_sums:  # amax is a max, not a mean: keep the latest
+            out["amax"] = self._stat_sums["amax"] / self._stat_count
+        self._stat_sums, self._stat_count = {}, 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"history": None if self.history is None else self.history.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.history is not None and state.get("history") is not None:
+            self.history.load_state_dict(state["history"])
+
+
+class _QuantizedLinearFunction(torch.autograd.Function):
+    """y = Q_a(x) Q_w(W)^T + b; backward GEMMs on Q_g(dy) and the saved quantized operands."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer: "QuantLinear"):
+        xq = layer.quantizers["activation"](x) if "activation" in layer.quantizers else x
+        wq = layer.quantizers["weight"](weight) if "weight" in layer.quantizers else weight
+        ctx.save_for_backward(xq, wq)
+        ctx.layer = layer
+        ctx.has_bias = bias is not None
+        return F.linear(xq, wq, bias)  # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xq, wq = ctx.saved_tensors
+        layer = ctx.layer
+        gq = layer.quantizers["grad_output"](grad_out) if "grad_output" in layer.quantizers else grad_out
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = gq @ wq.to(gq.dtype)  # (..., in)
+        if ctx.needs_input_grad[1]:
+            out_features, in_features = wq.shape
+            grad_w = gq.reshape(-1, out_features).t() @ xq.reshape(-1, in_features).to(gq.dtype)  # (out, in)
+            grad_w = grad_w.to(wq.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            # The bias gradient is a reduction, not a GEMM: kept in high precision, as FP8 kernels do.
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_w, grad_b, None
+
+
+class QuantLinear(nn.Linear):
+    """An `nn.Linear` whose GEMMs see quantized operands. Same parameters and state-dict keys.
+
+    Build one with :meth:`from_linear`; it shares the original layer's parameters.
+    """
+
+    quantizers: dict[str, TensorQuantizer]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, recipe: QuantRecipe, name: str = "") -> "QuantLinear":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.layer_name = name
+        new.quantizers = {}
+        for role in ("weight", "activation", "grad_output"):
+            spec = getattr(recipe, role)
+            if spec is not None:
+                new.quantizers[role] = TensorQuantizer(spec, f"{name}/{role}")
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _QuantizedLinearFunction.apply(x, self.weight, self.bias, self)
+
+    def to_linear(self) -> nn.Linear:
+        plain = nn.Linear.__new__(nn.Linear)
+        nn.Module.__init__(plain)
+        plain.in_features, plain.out_features = self.in_features, self.out_features
+        plain.weight, plain.bias = self.weight, self.bias
+        return plain
+
+    def extra_repr(self) -> str:
+        roles = ", ".join(f"{r}={q.spec.format}" for r, q in self.quantizers.items())
+        return f"{super().extra_repr()}, {roles}"
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+class ModelQuantizer:
+    """Handle returned by :func:`quantize_model`: the converted layers and every per-step hook the
+    trainer needs (statistics, weight-gradient and stored-weight rounding, bit-stall, state)."""
+
+    def __init__(self, model: nn.Module, recipe: QuantRecipe, layers: list[tuple[str, QuantLinear]]) -> None:
+        self.model = model
+        self.recipe = recipe
+        self.layers = layers
+        self.weight_grad_quantizers = {
+            name: TensorQuantizer(recipe.weight_grad, f"{name}/weight_grad") for name, _ in layers
+        } if recipe.weight_grad is not None else {}
+        self.stored_weight_quantizers = {
+            name: TensorQuantizer(recipe.stored_weight, f"{name}/stored_weight") for name, _ in layers
+        } if recipe.stored_weight is not None else {}
+        self.bit_stall = BitStallDetector()
+        self._snapshots: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ statistics
+    def all_quantizers(self) -> dict[str, TensorQuantizer]:
+        out = {}
+        for name, layer in self.layers:
+            for role, q in layer.quantizers.items():
+                out[f"{name}/{role}"] = q
+        for name, q in self.weight_grad_quantizers.items():
+            out[f"{name}/weight_grad"] = q
+        for name, q in self.stored_weight_quantizers.items():
+            out[f"{name}/stored_weight"] = q
+        return out
+
+    def set_collect_stats(self, enabled: bool) -> None:
+        for q in self.all_quantizers().values():
+            q.collect_stats = enabled
+
+    def pop_stats(self) -> dict[str, torch.Tensor]:
+        """Per-tensor statistics since the last call, keyed ``<layer>/<role>/<stat>`` (on device)."""
+        out = {}
+        for key, q in self.all_quantizers().items():
+            for stat, value in q.pop_stats().items():
+                out[f"{key}/{stat}"] = value
+        return out
+
+    # ------------------------------------------------------------------ optimizer-step hooks
+    @torch.no_grad()
+    def quantize_weight_grads(self) -> None:
+        """Round each converted layer's weight gradient into the recipe's ``weight_grad`` format."""
+        for name, layer in self.layers:
+            q = self.weight_grad_quantizers.get(name)
+            if q is not None and layer.weight.grad is not None:
+                layer.weight.grad.copy_(q(layer.weight.grad))
+
+    @torch.no_grad()
+    def snapshot_weights(self) -> None:
+        """Remember the weights before an optimizer step, for bit-stall."""
+        self._snapshots = {name: layer.weight.detach().clone() for name, layer in self.layers}
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Round stored weights (if the recipe stores them quantized) and measure bit-stall."""
+        for name, layer in self.layers:
+            before = self._snapshots.get(name)
+            stored = self.stored_weight_quantizers.get(name)
+            after = layer.weight.detach()
+            if stored is not None:
+                scale = stored.scale_for(after)
+                if before is not None:
+                    self.bit_stall.update(name, before, after, stored.spec.format, scale)
+                layer.weight.copy_(
+                    fake_quantize(after, stored.spec.format, scale, rounding=stored.spec.rounding)
+                )
+            elif before is not None:
+                wq = layer.quantizers.get("weight")
+                if wq is None:
+                    continue
+                scale = wq.last_scale
+                self.bit_stall.update(name, before, after, wq.spec.format, scale)
+        self._snapshots = {}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Delayed-scaling state (amax histories) of every quantizer, for checkpoints."""
+        return {
+            "recipe": self.recipe.to_dict(),
+            "quantizers": {key: q.state_dict() for key, q in self.all_quantizers().items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("recipe") != self.recipe.to_dict():
+            raise ValueError(
+                "quantization state was saved with a different recipe: "
+                f"{state.get('recipe', {}).get('name')!r} vs this run's {self.recipe.name!r}"
+            )
+        mine = self.all_quantizers()
+        missing = sorted(set(mine) - set(state["quantizers"]))
+        unexpected = sorted(set(state["quantizers"]) - set(mine))
+        if missing or unexpected:
+            raise ValueError(
+                f"quantization state does not match this model's layers: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+        for key, q in mine.items():
+            q.load_state_dict(state["quantizers"][key])
+
+    def remove(self) -> nn.Module:
+        """Swap every QuantLinear back to a plain nn.Linear (same parameters)."""
+        for name, layer in self.layers:
+            _set_submodule(self.model, name, layer.to_linear())
+        self.layers = []
+        return self.model
+
+
+def quantize_model(
+    model: nn.Module,
+    recipe: QuantRecipe | str | dict | None,
+    modules: list[str] | tuple[str, ...] | None = None,
+) -> ModelQuantizer:
+    """Convert the recipe's Linear layers of ``model`` (in place) to :class:`QuantLinear`.
+
+    Args:
+        model: any module; for altgrad's GPT the default patterns pick every Linear in the blocks.
+        recipe: a :class:`QuantRecipe`, a preset name or a recipe dict.
+        modules: override the recipe's module patterns.
+
+    Returns:
+        a :class:`ModelQuantizer` (the converted layers plus the hooks the trainer calls).
+
+    Example:
+        >>> from altgrad.modeling import GPT, GPTConfig
+        >>> model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65))
+        >>> len(quantize_model(model, "e5m2").layers)   # c_attn, c_proj, c_fc, c_proj per block
+        8
+    """
+    recipe = QuantRecipe.from_dict(recipe) if not isinstance(recipe, QuantRecipe) else recipe
+    patterns = tuple(modules) if modules is not None else recipe.modules
+    layers: list[tuple[str, QuantLinear]] = []
+    if recipe.is_noop:
+        return ModelQuantizer(model, recipe, layers)
+    if recipe.backend == "native_fp8":
+        logger.warning("altgrad: backend 'native_fp8' needs CUDA FP8 GEMMs; simulating on this path.")
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or isinstance(module, QuantLinear):
+            continue
+        if not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in recipe.exclude):
+            continue
+        _check_blocks(name, module, recipe)
+        qlayer = QuantLinear.from_linear(module, recipe, name)
+        _set_submodule(model, name, qlayer)
+        layers.append((name, qlayer))
+    if not layers:
+        linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ValueError(
+            f"recipe {recipe.name!r} selects no Linear layer (patterns {list(patterns)}, exclude "
+            f"{list(recipe.exclude)}); Linear layers in this model: {linear_names[:10]}"
+        )
+    return ModelQuantizer(model, recipe, layers)
+
+
+def _check_blocks(name: str, module: nn.Linear, recipe: QuantRecipe) -> None:
+    for role in TENSOR_ROLES:
+        spec = getattr(recipe, role)
+        if spec is None or spec.granularity != "block":
+            continue
+        # activation / grad_output blocks run along in_features / out_features; weights along in_features
+        dims = {"activation": module.in_features, "grad_output": module.out_features}.get(role, module.in_features)
+        if dims % spec.block_size:
+            raise ValueError(
+                f"{name}: {role} block size {spec.block_size} does not divide its last dim ({dims}); "
+                "choose a block size that divides every selected layer's width"
+            )
+

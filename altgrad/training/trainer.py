@@ -1,0 +1,338 @@
+"""`AltGradTrainer`: a `transformers.Trainer` that trains with a quantization recipe and measures, every
+comparison step, how far its gradients are from an FP32 shadow's.
+
+Everything but the recipe, the shadow and monitoring is ordinary `TrainingArguments`.
+
+Per optimizer step (hooks around the Trainer's own loop):
+
+1. first micro-batch of the step: turn statistics on if this step will be logged; sync the shadow;
+2. each micro-batch: the Trainer's forward/backward; the shadow's forward/backward on the same batch;
+3. last micro-batch (gradients are final, DDP has averaged them): round weight gradients into the
+   recipe's format; check loss and gradients for non-finite values (a bad step's update is skipped);
+   average the shadow's gradients across ranks and compare; per-layer gradient norms on log steps;
+4. after `optimizer.step()`: round stored weights (if the recipe stores them), measure bit-stall.
+
+Statistics stay on device and are read once per logging step, in one all-reduce across processes.
+
+Example:
+    >>> from transformers import TrainingArguments
+    >>> trainer = AltGradTrainer(model, TrainingArguments("out", max_steps=10), recipe="fp8_hybrid",
+    ...                          train_dataset=train_ds)                       # doctest: +SKIP
+    >>> trainer.train()                                                        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+from transformers import Trainer, TrainerCallback
+
+from altgrad.training.quantized_linear import ModelQuantizer, quantize_model
+from altgrad.training.recipe import QuantRecipe
+from altgrad.training.shadow import FP32ShadowModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AltGradTrainer", "QUANT_STATE_FILE"]
+
+QUANT_STATE_FILE = "altgrad_quant_state.pt"
+_PER_TENSOR_STATS = ("overflow_rate", "underflow_rate", "sqnr_db")
+
+
+class _AfterOptimizerStep(TrainerCallback):
+    """Runs the trainer's post-`optimizer.step()` work (stored-weight rounding, bit-stall)."""
+
+    def __init__(self, trainer: "AltGradTrainer") -> None:
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._after_optimizer_step()
+
+
+class AltGradTrainer(Trainer):
+    """A `transformers.Trainer` with low-precision quantization, an FP32 shadow and stability metrics.
+
+    Args:
+        model: the model to train (altgrad's GPT or any model whose selected layers are `nn.Linear`).
+        args: ordinary `TrainingArguments`.
+        recipe: a :class:`QuantRecipe`, preset name (``"bf16"``, ``"e5m2"``, ``"fp8_hybrid"``, ...) or dict.
+            ``None`` trains unquantized.
+        shadow_every: compare against the FP32 shadow every this many optimizer steps; ``None`` or 0
+            disables the shadow (saves one forward/backward and one float32 copy of the model).
+        monitoring: an :class:`altgrad.monitoring.MonitoringConfig` (alerts, anomaly checkpoints,
+            ``nan_patience``); ``None`` uses its defaults.
+        **kwargs: everything else `transformers.Trainer` accepts (datasets, callbacks, tokenizer ...).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args=None,
+        recipe: QuantRecipe | str | dict | None = None,
+        shadow_every: int | None = 1,
+        monitoring: Any = None,
+        **kwargs,
+    ) -> None:
+        if model is None:
+            raise ValueError("AltGradTrainer needs a model instance (model_init is not supported)")
+        if shadow_every is not None and (not isinstance(shadow_every, int) or shadow_every < 0):
+            raise ValueError(f"shadow_every must be None or a non-negative int, got {shadow_every!r}")
+        self.recipe = QuantRecipe.from_dict(recipe)
+        self.quantizer: ModelQuantizer = quantize_model(model, self.recipe)
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
+        self.add_callback(_AfterOptimizerStep(self))
+        self.shadow_every = shadow_every or 0
+        self.shadow = FP32ShadowModel(self.model) if self.shadow_every else None
+        if self.shadow is not None:
+            self.shadow.model.to(self.args.device)
+        self.monitoring = self._init_monitoring(monitoring)
+        self._micro_in_window = 0
+        self._collecting = False
+        self._pending: dict[str, torch.Tensor] = {}  # device metrics waiting for the next log
+        self._tokens_since_log = 0
+        self._last_log_time: float | None = None
+        self._bad_steps = 0
+        self._step_losses: list[torch.Tensor] = []
+        self._last_batch: dict | None = None
+
+    # ------------------------------------------------------------------ monitoring hook points
+    def _init_monitoring(self, monitoring):
+        """Set up alerts (altgrad.monitoring); returns the config or None when monitoring is absent."""
+        return monitoring
+
+    @property
+    def nan_patience(self) -> int:
+        return int(getattr(self.monitoring, "nan_patience", 10) or 10)
+
+    def _raise_nonfinite_alert(self, kind: str, detail: str, metrics: dict) -> None:
+        logger.error("altgrad: non-finite %s at step %d: %s", kind, self.state.global_step + 1, detail)
+
+    # ------------------------------------------------------------------ schedule
+    def _will_log(self, step: int) -> bool:
+        """Whether optimizer step number `step` (1-based) is a logging step."""
+        args = self.args
+        if args.logging_strategy != "steps" and str(args.logging_strategy) != "IntervalStrategy.STEPS":
+            return False
+        if step == 1 and args.logging_first_step:
+            return True
+        every = args.logging_steps
+        if 0 < every < 1:
+            every = max(1, math.ceil(self.state.max_steps * every))
+        return step % int(every) == 0 or step == self.state.max_steps
+
+    # ------------------------------------------------------------------ training loop hooks
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The Trainer's loss; also remembers it for the non-finite check and counts tokens."""
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss = out[0] if return_outputs else out
+        if model.training:
+            self._step_losses.append(loss.detach())
+            ids = inputs.get("input_ids")
+            if ids is not None:
+                self._tokens_since_log += ids.numel()
+        return out
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        next_step = self.state.global_step + 1
+        shadow_step = self.shadow is not None and (next_step - 1) % self.shadow_every == 0
+        if self._micro_in_window == 0:
+            self._collecting = self._will_log(next_step)
+            self.quantizer.set_collect_stats(self._collecting)
+            self._step_losses = []
+            if shadow_step:
+                self.shadow.sync_from(model)
+            if self._last_log_time is None:
+                self._last_log_time = time.perf_counter()
+        self._last_batch = {k: v.detach().cpu() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if shadow_step:
+            self._shadow_micro_batch(inputs, num_items_in_batch)
+        self._micro_in_window += 1
+        if self.accelerator.sync_gradients:
+            self._micro_in_window = 0
+            self._before_optimizer_step(model, shadow_step)
+        return loss
+
+    def _shadow_micro_batch(self, inputs: dict, num_items_in_batch) -> None:
+        # Scale the shadow's loss exactly as Trainer.training_step/compute_loss scale the model's.
+        kwargs = {}
+        divisor: float = float(self.current_gradient_accumulation_steps)
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            kwargs["num_items_in_batch"] = num_items_in_batch
+            divisor = 1.0
+            if self.args.average_tokens_across_devices:
+                divisor = 1.0 / self.accelerator.num_processes
+        self.shadow.accumulate(inputs, divisor, **kwargs)
+
+    def _named_grads(self, model) -> list[tuple[str, torch.Tensor]]:
+        return [(n, p.grad) for n, p in self.accelerator.unwrap_model(model).named_parameters() if p.grad is not None]
+
+    @torch.no_grad()
+    def _before_optimizer_step(self, model, shadow_step: bool) -> None:
+        self.quantizer.quantize_weight_grads()
+        named = self._named_grads(model)
+        # One host sync per step for the two non-finite checks (the Trainer already syncs on the loss).
+        loss_ok = torch.stack([torch.isfinite(l).all() for l in self._step_losses]).all() if self._step_losses else None
+        grad_ok = torch.stack([torch.isfinite(g).all() for _, g in named]) if named else None
+        flags = torch.cat([x.reshape(-1) for x in (loss_ok, grad_ok) if x is not None]).cpu().tolist()
+        loss_finite = bool(flags[0]) if loss_ok is not None else True
+        grads_finite = all(flags[1:]) if loss_ok is not None else all(flags)
+        if not (loss_finite and grads_finite):
+            self._handle_bad_step(model, named, loss_finite, flags[1:] if loss_ok is not None else flags)
+            return
+        self._bad_steps = 0
+        if shadow_step:
+            self.shadow.all_reduce_grads()
+            self._pending.update(self.shadow.compare(model))
+        if self._collecting:
+            for name, g in named:
+                if g.dim() < 2:
+                    continue
+                gf = g.float()
+                self._pending[f"grad_l2/{name}"] = gf.norm()
+                self._pending[f"grad_linf/{name}"] = gf.abs().amax()
+                self._pending[f"grad_dead_frac/{name}"] = (gf == 0).float().mean()
+            self.quantizer.snapshot_weights()
+
+    def _handle_bad_step(self, model, named, loss_finite: bool, grad_flags: list) -> None:
+        """Skip the update (gradients dropped: AdamW leaves params without grads untouched), alert, and
+        stop after `nan_patience` consecutive bad steps."""
+        bad_layers = [name for (name, _), ok in zip(named, grad_flags) if not ok]
+        step_loss = float(torch.stack(self._step_losses).float().mean()) if self._step_losses else float("nan")
+        if not loss_finite:
+            self._raise_nonfinite_alert("loss", f"loss={step_loss}", {"loss": step_loss})
+        if bad_layers:
+            self._raise_nonfinite_alert(
+                "grad", f"{len(bad_layers)} tensors: {', '.join(bad_layers[:8])}", {"nonfinite_layers": bad_layers}
+            )
+        for p in self.accelerator.unwrap_model(model).parameters():
+            p.grad = None
+        self._bad_steps += 1
+        self.quantizer.set_collect_stats(False)
+        if self._bad_steps >= self.nan_patience:
+            self.control.should_training_stop = True
+            message = (
+                f"altgrad: stopping at step {self.state.global_step + 1}: {self._bad_steps} consecutive steps with "
+                f"non-finite {'loss' if not loss_finite else 'gradients'} (nan_patience={self.nan_patience}). "
+                "Lower the learning rate, widen the format's range (scaling/margin) or keep more tensors in "
+                "high precision."
+            )
+            logger.error(message)
+            self.stop_reason = message
+
+    def _after_optimizer_step(self) -> None:
+        self.quantizer.after_optimizer_step()
+
+    # ------------------------------------------------------------------ logging
+    def _collect_metrics(self) -> dict[str, float]:
+        metrics: dict[str, torch.Tensor] = dict(self._pending)
+        self._pending = {}
+        stats = self.quantizer.pop_stats()
+        if stats:
+            by_stat: dict[str, list[torch.Tensor]] = {}
+            for key, value in stats.items():
+                tensor_key, stat = key.rsplit("/", 1)
+                by_stat.setdefault(stat, []).append(value)
+                if stat in _PER_TENSOR_STATS:
+                    metrics[f"quantization/{tensor_key}/{stat}"] = value
+            for stat in ("overflow_rate", "underflow_rate", "dynamic_range_used", "sqnr_db"):
+                if stat in by_stat:
+                    metrics[f"quantization/{stat}"] = torch.stack(by_stat[stat]).mean()
+        counts = self.quantizer.bit_stall.get_counts()
+        if counts:
+            stalled = torch.stack([s for s, _ in counts.values()])
+            updated = torch.stack([u for _, u in counts.values()])
+            # Summed counts reduce exactly across ranks; rates are formed after the reduction.
+            metrics["quantization/_stalled"] = stalled.sum().float()
+            metrics["quantization/_updated"] = updated.sum().float()
+            for name, (s, u) in counts.items():
+                metrics[f"quantization/_stalled/{name}"] = s.float()
+                metrics[f"quantization/_updated/{name}"] = u.float()
+            self.quantizer.bit_stall.reset()
+        if not metrics:
+            return {}
+        keys = sorted(metrics)
+        values = torch.stack([metrics[k].detach().float().reshape(()).to(self.args.device) for k in keys])
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="mean")
+        host = dict(zip(keys, values.cpu().tolist()))  # the one host sync of a logging step
+        out: dict[str, float] = {}
+        for key, value in host.items():
+            if key.startswith("quantization/_"):
+                continue
+            out[key] = value
+        if "quantization/_updated" in host:
+            upd = host["quantization/_updated"]
+            out["quantization/bit_stall_rate"] = host["quantization/_stalled"] / upd if upd > 0 else 0.0
+            for key in host:
+                if key.startswith("quantization/_stalled/"):
+                    name = key[len("quantization/_stalled/") :]
+                    u = host[f"quantization/_updated/{name}"]
+                    out[f"quantization/bit_stall/{name}"] = host[key] / u if u > 0 else 0.0
+        return out
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        logs = dict(logs)
+        if "loss" in logs and "train_runtime" not in logs:
+            loss = logs["loss"]
+            logs["perplexity"] = math.exp(loss) if math.isfinite(loss) and loss < 700 else float("inf")
+            now = time.perf_counter()
+            if self._last_log_time is not None and now > self._last_log_time:
+                logs["tokens_per_second"] = self._tokens_since_log * self.accelerator.num_processes / (
+                    now - self._last_log_time
+                )
+            self._tokens_since_log, self._last_log_time = 0, now
+            logs.update(self._collect_metrics())
+        if "eval_loss" in logs:
+            eval_loss = logs["eval_loss"]
+            logs["val/loss"] = eval_loss
+            logs["val/perplexity"] = math.exp(eval_loss) if math.isfinite(eval_loss) and eval_loss < 700 else float("inf")
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ quantization state in checkpoints
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        # The Trainer has just written checkpoint-<step>; add the quantization state next to it.
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        ckpt = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save and os.path.isdir(ckpt):
+            self.save_quant_state(ckpt)
+
+    def save_quant_state(self, directory: str) -> str:
+        """Write the quantization state (recipe + amax histories) to ``directory``."""
+        path = os.path.join(directory, QUANT_STATE_FILE)
+        tmp = path + ".tmp"
+        torch.save(self.quantizer.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load_quant_state(self, directory: str) -> None:
+        path = os.path.join(directory, QUANT_STATE_FILE)
+        if not os.path.isfile(path):
+            if self.quantizer.layers:
+                raise ValueError(
+                    f"checkpoint {directory} has no {QUANT_STATE_FILE}: it was not written by altgrad with recipe "
+                    f"{self.recipe.name!r}"
+                )
+            return
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - any unpickling error means a corrupt file
+            raise ValueError(f"corrupt quantization state {path}: {type(exc).__name__}: {exc}") from None
+        self.quantizer.load_state_dict(state)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self.load_quant_state(resume_from_checkpoint)
+
+    def recipe_json(self) -> str:
+        return json.dumps(self.recipe.to_dict(), indent=2)

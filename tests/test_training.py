@@ -1,0 +1,327 @@
+"""Quantized training: recipes, QuantLinear against hand-computed GEMMs, delayed scaling, the FP32 shadow,
+the Trainer subclass's metrics, and a real 2-process (gloo) run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+from transformers import TrainingArguments
+
+from altgrad.modeling import GPT, GPTConfig
+from altgrad.quantization import fake_quantize
+from altgrad.training import (
+    AltGradTrainer,
+    FP32ShadowModel,
+    QuantLinear,
+    QuantRecipe,
+    TensorQuantSpec,
+    get_recipe,
+    quantize_model,
+)
+
+VOCAB = 65
+
+
+def tiny_gpt(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    cfg = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=VOCAB, dropout=0.0)
+    cfg.update(overrides)
+    return GPT(GPTConfig(**cfg))
+
+
+def batch(seed: int = 0, b: int = 4, t: int = 16) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (b, t), generator=g)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+class _Windows(torch.utils.data.Dataset):
+    def __init__(self, n: int = 64, t: int = 16):
+        self.data = [batch(i, b=1, t=t) for i in range(n)]
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return {k: v[0] for k, v in self.data[i].items()}
+
+
+# --------------------------------------------------------------------------- recipes
+def test_presets_and_yaml_friendly_round_trip():
+    for name in ("bf16", "e5m2", "fp8_hybrid", "mxfp8", "e3m4", "e2m5", "e1m6", "e7m0"):
+        r = get_recipe(name)
+        assert QuantRecipe.from_dict(r.to_dict()) == r
+    assert get_recipe("bf16").is_noop
+    hybrid = get_recipe("fp8_hybrid")
+    assert (hybrid.weight.format, hybrid.activation.format, hybrid.grad_output.format) == ("E4M3", "E4M3", "E5M2")
+    custom = QuantRecipe.from_dict({"preset": "e5m2", "stored_weight": {"format": "e5m2", "rounding": "stochastic"}})
+    assert custom.stored_weight.rounding == "stochastic" and custom.weight.format == "E5M2"
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"wieght": "e4m3"}, "unknown key.*valid keys"),
+        ({"weight": {"format": "e4m3", "round": "nearest"}}, "unknown key.*valid keys"),
+        ({"weight": {"format": "e9m9"}}, "unknown format"),
+        ({"weight": {"format": "e4m3", "scaling": "lazy"}}, "accepted"),
+        ({"weight": {"format": "e4m3", "granularity": "row"}}, "needs scaling='current'"),
+        ({"preset": "fp9"}, "unknown recipe preset"),
+        ({"backend": "tpu"}, "accepted"),
+    ],
+)
+def test_bad_recipes_are_rejected_clearly(data, match):
+    with pytest.raises(ValueError, match=match):
+        QuantRecipe.from_dict(data)
+
+
+def test_default_patterns_select_block_linears_only():
+    model = tiny_gpt()
+    q = quantize_model(model, "e5m2")
+    names = [n for n, _ in q.layers]
+    assert names == [
+        f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
+    assert not isinstance(model.lm_head, QuantLinear)
+    with pytest.raises(ValueError, match="selects no Linear layer"):
+        quantize_model(tiny_gpt(), QuantRecipe(weight=TensorQuantSpec("E4M3"), modules=("nothing.*",)))
+
+
+# --------------------------------------------------------------------------- QuantLinear
+def test_quant_linear_equals_matmuls_of_fake_quantized_operands():
+    torch.manual_seed(0)
+    spec = dict(scaling="current")
+    recipe = QuantRecipe(
+        weight=TensorQuantSpec("E4M3", **spec),
+        activation=TensorQuantSpec("E4M3", **spec),
+        grad_output=TensorQuantSpec("E5M2", **spec),
+    )
+    lin = nn.Linear(32, 48)
+    ref_w, ref_b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    net = nn.Sequential(lin)
+    quantize_model(net, recipe, modules=["0"])
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    y = net(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    def fq(t, fmt):  # current per-tensor scaling, computed independently
+        s = 448.0 / t.abs().max() if fmt == "E4M3" else 57344.0 / t.abs().max()
+        return fake_quantize(t, fmt, s)
+
+    xq, wq, gq = fq(x.detach(), "E4M3"), fq(ref_w, "E4M3"), fq(dy, "E5M2")
+    assert torch.equal(y.detach(), torch.nn.functional.linear(xq, wq, ref_b))
+    assert torch.allclose(x.grad, gq @ wq, atol=1e-6)
+    assert torch.allclose(lin.weight.grad, gq.reshape(-1, 48).t() @ xq.reshape(-1, 32), atol=1e-5)
+    assert torch.allclose(lin.bias.grad, dy.reshape(-1, 48).sum(0), atol=1e-6)
+    assert not torch.equal(lin.weight.grad, dy.reshape(-1, 48).t() @ x.detach().reshape(-1, 32))
+
+
+def test_delayed_scaling_uses_history_not_current_amax():
+    recipe = QuantRecipe(activation=TensorQuantSpec("E4M3", scaling="delayed", amax_history_len=4))
+    net = nn.Sequential(nn.Linear(8, 8))
+    q = quantize_model(net, recipe, modules=["0"])
+    act = q.layers[0][1].quantizers["activation"]
+    net(torch.full((2, 8), 2.0))  # first call: no history, its own amax 2 -> scale 224
+    assert act.last_scale.item() == 224.0
+    net(torch.full((2, 8), 100.0))  # history max is 2: scale stays 224, so 100*224 overflows (saturates)
+    assert act.last_scale.item() == 224.0
+    net(torch.full((2, 8), 1.0))  # history now holds 100: scale 4.48
+    assert act.last_scale.item() == pytest.approx(4.48)
+    state = q.state_dict()
+    q2 = quantize_model(nn.Sequential(nn.Linear(8, 8)), recipe, modules=["0"])
+    q2.load_state_dict(state)
+    assert torch.equal(q2.layers[0][1].quantizers["activation"].history.get_amax(), torch.tensor(100.0))
+    with pytest.raises(ValueError, match="different recipe"):
+        quantize_model(nn.Sequential(nn.Linear(8, 8)), "e5m2", modules=["0"]).load_state_dict(state)
+
+
+def test_stored_weights_and_bit_stall_hand_count():
+    recipe = QuantRecipe(stored_weight=TensorQuantSpec("E4M3", scaling="none"))
+    lin = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 1.0, 2.0, 0.5]]))
+    net = nn.Sequential(lin)
+    q = quantize_model(net, recipe, modules=["0"])
+    q.snapshot_weights()
+    with torch.no_grad():  # an "optimizer step": E4M3 spacing is 0.125 at 1, 0.25 at 2, 0.0625 at 0.5
+        lin.weight += torch.tensor([[0.01, 0.2, 0.0, 0.05]])
+    q.after_optimizer_step()
+    # updated: 0, 1, 3; stalled: 0 (1.01 -> 1.0); 3 moves 0.5 -> 0.5625
+    assert q.bit_stall.get_stall_rate() == pytest.approx(1 / 3)
+    assert torch.equal(lin.weight.detach(), torch.tensor([[1.0, 1.25, 2.0, 0.5625]]))
+
+
+def test_saved_quantized_model_is_a_plain_model(tmp_path):
+    model = tiny_gpt()
+    keys_before = set(model.state_dict())
+    quantize_model(model, "fp8_hybrid")
+    assert set(model.state_dict()) == keys_before
+    model.save_pretrained(tmp_path)
+    loaded = GPT.from_pretrained(tmp_path)
+    assert not any(isinstance(m, QuantLinear) for m in loaded.modules())
+    ids = batch()["input_ids"]
+    plain = tiny_gpt()
+    assert torch.equal(loaded(ids).logits, plain(ids).logits)
+
+
+def test_quantized_model_runs_under_torch_compile():
+    model = tiny_gpt()
+    quantize_model(model, "fp8_hybrid")
+    compiled = torch.compile(model, backend="aot_eager")
+    b = batch()
+    loss = compiled(**b).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# --------------------------------------------------------------------------- shadow
+def _shadow_cos(recipe, dtype=torch.float32) -> float:
+    model = tiny_gpt(seed=1)
+    quantize_model(model, recipe)
+    shadow = FP32ShadowModel(model)
+    b = batch(3)
+    model(**b).loss.backward()
+    shadow.sync_from(model)
+    shadow.accumulate(b)
+    return shadow.compare(model)
+
+
+def test_shadow_of_noop_recipe_is_identical():
+    m = _shadow_cos("bf16")
+    assert abs(m["grad_cos_sim/mean"].item() - 1.0) < 1e-6
+    assert abs(m["grad_cos_sim/min"].item() - 1.0) < 1e-6
+    assert m["grad_rel_error/mean"].item() < 1e-5
+
+
+def test_shadow_sees_e5m2_noise():
+    m = _shadow_cos("e5m2")
+    cos = m["grad_cos_sim/mean"].item()
+    assert 0.9 < cos < 1.0 - 1e-6
+    assert "grad_snr/transformer.h.0.attn.c_attn.weight" in m and "grad_snr_fp32/mean" in m
+
+
+def test_shadow_compares_accumulated_gradient():
+    model = tiny_gpt(seed=2)
+    shadow = FP32ShadowModel(model)
+    b1, b2 = batch(1), batch(2)
+    shadow.sync_from(model)
+    for b in (b1, b2):
+        (model(**b).loss / 2).backward()
+        shadow.accumulate(b, 2)
+    m = shadow.compare(model)
+    assert abs(m["grad_cos_sim/min"].item() - 1.0) < 1e-6
+    # the shadow's own gradients are zeroed at each sync
+    shadow.sync_from(model)
+    assert all(p.grad is None for p in shadow.model.parameters())
+
+
+# --------------------------------------------------------------------------- trainer
+def _train(tmp_path, recipe, seed=0, max_steps=6, **kw):
+    model = tiny_gpt(seed=seed)
+    args = TrainingArguments(
+        str(tmp_path / f"run-{recipe if isinstance(recipe, str) else 'custom'}-{seed}"),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        logging_steps=2,
+        learning_rate=1e-3,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=seed,
+        **kw,
+    )
+    trainer = AltGradTrainer(model, args, recipe=recipe, train_dataset=_Windows(), eval_dataset=_Windows(8))
+    trainer.train()
+    return trainer
+
+
+EXPECTED_KEYS = {
+    "loss",
+    "perplexity",
+    "grad_norm",
+    "learning_rate",
+    "tokens_per_second",
+    "grad_cos_sim/mean",
+    "grad_cos_sim/min",
+    "grad_cos_sim/transformer.h.0.attn.c_attn.weight",
+    "grad_snr/mean",
+    "quantization/overflow_rate",
+    "quantization/underflow_rate",
+    "quantization/bit_stall_rate",
+    "quantization/dynamic_range_used",
+    "grad_l2/transformer.h.0.mlp.c_fc.weight",
+    "grad_linf/transformer.h.0.mlp.c_fc.weight",
+    "grad_dead_frac/transformer.h.0.mlp.c_fc.weight",
+}
+
+
+def test_trainer_logs_every_metric_once_per_logging_step(tmp_path):
+    trainer = _train(tmp_path, "fp8_hybrid")
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in train_logs] == [2, 4, 6]
+    for h in train_logs:
+        missing = EXPECTED_KEYS - set(h)
+        assert not missing, missing
+        assert 0.9 < h["grad_cos_sim/mean"] <= 1.0
+    metrics = trainer.evaluate()
+    assert "val/loss" in trainer.state.log_history[-1] and "val/perplexity" in trainer.state.log_history[-1]
+    assert metrics["eval_loss"] > 0
+
+
+def test_stochastic_recipe_reproducible_with_seed(tmp_path):
+    recipe = QuantRecipe.from_dict({"preset": "e5m2", "stored_weight": {"format": "E5M2", "rounding": "stochastic"}})
+    losses = []
+    for run in range(2):
+        t = _train(tmp_path / str(run), recipe, seed=5, max_steps=4)
+        losses.append([h["loss"] for h in t.state.log_history if "loss" in h])
+    assert losses[0] == losses[1]
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_training import _Windows, tiny_gpt
+    from transformers import TrainingArguments
+    from altgrad.training import AltGradTrainer
+    args = TrainingArguments({out!r}, max_steps=4, per_device_train_batch_size=2, logging_steps=2,
+                             report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True)
+    trainer = AltGradTrainer(tiny_gpt(), args, recipe="e5m2", train_dataset=_Windows())
+    trainer.train()
+    if trainer.is_world_process_zero():
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        json.dump({{"world": trainer.accelerator.num_processes, "logs": logs}}, open({out!r} + "/result.json", "w"))
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_has_finite_reduced_metrics(tmp_path):
+    out = tmp_path / "ddp"
+    out.mkdir()
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__), out=str(out)))
+    cfg = tmp_path / "accelerate_cpu2.yaml"
+    cfg.write_text("distributed_type: MULTI_GPU\nuse_cpu: true\nnum_processes: 2\nnum_machines: 1\nmachine_rank: 0\n"
+                   "mixed_precision: 'no'\nmain_training_function: main\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), str(script)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["world"] == 2
+    for h in result["logs"]:
+        for key in ("loss", "grad_cos_sim/mean", "quantization/overflow_rate", "quantization/bit_stall_rate"):
+            assert key in h and h[key] == h[key] and abs(h[key]) != float("inf"), (key, h.get(key))
+        assert 0.9 < h["grad_cos_sim/mean"] <= 1.0
