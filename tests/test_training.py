@@ -4,6 +4,7 @@ the Trainer subclass's metrics, and a real 2-process (gloo) run."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -325,3 +326,37 @@ def test_two_process_gloo_run_has_finite_reduced_metrics(tmp_path):
         for key in ("loss", "grad_cos_sim/mean", "quantization/overflow_rate", "quantization/bit_stall_rate"):
             assert key in h and h[key] == h[key] and abs(h[key]) != float("inf"), (key, h.get(key))
         assert 0.9 < h["grad_cos_sim/mean"] <= 1.0
+
+
+# --------------------------------------------------------------------------- monitoring in the trainer
+def test_divergent_run_alerts_checkpoints_and_stops(tmp_path):
+    from altgrad.monitoring import MonitoringConfig, read_alerts
+
+    model = tiny_gpt(seed=0)
+    args = TrainingArguments(
+        str(tmp_path / "diverge"), max_steps=40, per_device_train_batch_size=4, logging_steps=1,
+        learning_rate=1e38, max_grad_norm=0.0, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )
+    monitoring = MonitoringConfig.from_dict({"nan_patience": 3, "anomaly_keep_last": 2})
+    trainer = AltGradTrainer(model, args, recipe="e5m2", monitoring=monitoring, train_dataset=_Windows())
+    trainer.train()
+    assert trainer.state.global_step < 40, "training should stop after nan_patience bad steps"
+    assert "nan_patience=3" in trainer.stop_reason
+    alerts = read_alerts(tmp_path / "diverge")
+    rules = {a.rule for a in alerts}
+    assert "nonfinite_loss" in rules or "nonfinite_grad" in rules
+    for line in (tmp_path / "diverge" / "alerts.jsonl").read_text().splitlines():
+        assert {"step", "level", "title", "text", "metrics"} <= set(json.loads(line))
+    anomalies = sorted((tmp_path / "diverge" / "anomalies").iterdir())
+    assert 1 <= len(anomalies) <= 2 and not any(p.name.startswith(".tmp") for p in anomalies)
+    ckpt = anomalies[0]
+    # Reload the anomaly checkpoint and re-run its batch: the loss is non-finite again.
+    reloaded = GPT.from_pretrained(ckpt)
+    b = torch.load(ckpt / "batch.pt")
+    with torch.no_grad():
+        quantize_model(reloaded, "e5m2")
+        loss = reloaded(input_ids=b["input_ids"], labels=b["labels"]).loss
+    recorded = json.loads((ckpt / "anomaly.json").read_text())
+    assert not math.isfinite(recorded["metrics"]["loss"]) or recorded["metrics"]["nonfinite_layers"]
+    assert not torch.isfinite(loss), "re-running the saved batch reproduces the non-finite loss"
+    assert (ckpt / "altgrad_quant_state.pt").is_file() and (ckpt / "optimizer.pt").is_file()

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from typing import Any
 
@@ -34,6 +35,7 @@ import torch
 import torch.nn as nn
 from transformers import Trainer, TrainerCallback
 
+from altgrad.monitoring import AlertCallback, MonitoringConfig
 from altgrad.training.quantized_linear import ModelQuantizer, quantize_model
 from altgrad.training.recipe import QuantRecipe
 from altgrad.training.shadow import FP32ShadowModel
@@ -43,6 +45,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["AltGradTrainer", "QUANT_STATE_FILE"]
 
 QUANT_STATE_FILE = "altgrad_quant_state.pt"
+ANOMALY_DIR = "anomalies"
 _PER_TENSOR_STATS = ("overflow_rate", "underflow_rate", "sqnr_db")
 
 
@@ -54,6 +57,18 @@ class _AfterOptimizerStep(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._after_optimizer_step()
+
+
+class _AnomalyCheckpoints(TrainerCallback):
+    """After each log (where threshold alerts fire), save the anomaly checkpoints they asked for."""
+
+    def __init__(self, trainer: "AltGradTrainer") -> None:
+        self.trainer = trainer
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pending = self.trainer.alerts.pop_anomalies()
+        if pending:
+            self.trainer.save_anomaly_checkpoints(pending, logs)
 
 
 class AltGradTrainer(Trainer):
@@ -105,15 +120,65 @@ class AltGradTrainer(Trainer):
 
     # ------------------------------------------------------------------ monitoring hook points
     def _init_monitoring(self, monitoring):
-        """Set up alerts (altgrad.monitoring); returns the config or None when monitoring is absent."""
-        return monitoring
+        """Alerts (log, W&B, alerts.jsonl) as a callback; anomaly checkpoints are saved by the trainer."""
+        config = monitoring if isinstance(monitoring, MonitoringConfig) else MonitoringConfig.from_dict(monitoring or {})
+        self.alerts = AlertCallback(config, output_dir=self.args.output_dir, is_main_process=self.is_world_process_zero())
+        self.add_callback(self.alerts)
+        self.add_callback(_AnomalyCheckpoints(self))
+        return config
 
     @property
     def nan_patience(self) -> int:
-        return int(getattr(self.monitoring, "nan_patience", 10) or 10)
+        return int(self.monitoring.nan_patience)
 
     def _raise_nonfinite_alert(self, kind: str, detail: str, metrics: dict) -> None:
-        logger.error("altgrad: non-finite %s at step %d: %s", kind, self.state.global_step + 1, detail)
+        step = self.state.global_step + 1
+        self.alerts.alert(step, f"nonfinite_{kind}", f"non-finite {kind} at step {step}: {detail}; update skipped", metrics)
+
+    # ------------------------------------------------------------------ anomaly checkpoints
+    def save_anomaly_checkpoints(self, reason_alerts: list, metrics: dict | None = None) -> list[str]:
+        """Save a full checkpoint per pending anomaly under ``output_dir/anomalies/step-<N>-<rule>/``.
+
+        Holds the model, optimizer, scheduler, RNG states, quantization state, trainer state, the alert's
+        metrics and the micro-batch that triggered it (``batch.pt``). Written to a temporary name and
+        renamed, outside the Trainer's checkpoint rotation, keeping the last ``anomaly_keep_last``.
+        """
+        saved = []
+        root = os.path.join(self.args.output_dir, ANOMALY_DIR)
+        for alert in reason_alerts:
+            name = f"step-{alert.step}-{alert.rule}"
+            final = os.path.join(root, name)
+            if os.path.exists(final):
+                continue
+            tmp = os.path.join(root, f".tmp-{name}")
+            if self.args.should_save:
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(tmp, exist_ok=True)
+            self._save(tmp) if self.args.should_save else None
+            self._save_optimizer_and_scheduler(tmp)
+            self._save_rng_state(tmp)
+            if self.args.should_save:
+                self.save_quant_state(tmp)
+                self.state.save_to_json(os.path.join(tmp, "trainer_state.json"))
+                if self._last_batch is not None:
+                    torch.save(self._last_batch, os.path.join(tmp, "batch.pt"))
+                with open(os.path.join(tmp, "anomaly.json"), "w") as f:
+                    json.dump({"alert": alert.to_dict(), "metrics": metrics or {}}, f, indent=2, default=str)
+                os.replace(tmp, final)
+                saved.append(final)
+                logger.warning("altgrad: anomaly checkpoint saved to %s", final)
+        if self.args.should_save:
+            self._rotate_anomalies(root)
+        return saved
+
+    def _rotate_anomalies(self, root: str) -> None:
+        keep = int(self.monitoring.anomaly_keep_last)
+        if not os.path.isdir(root):
+            return
+        dirs = [d for d in os.listdir(root) if d.startswith("step-")]
+        dirs.sort(key=lambda d: (int(d.split("-")[1]), os.path.getmtime(os.path.join(root, d))))
+        for old in dirs[: max(0, len(dirs) - keep)]:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
 
     # ------------------------------------------------------------------ schedule
     def _will_log(self, step: int) -> bool:
@@ -213,6 +278,11 @@ class AltGradTrainer(Trainer):
             self._raise_nonfinite_alert(
                 "grad", f"{len(bad_layers)} tensors: {', '.join(bad_layers[:8])}", {"nonfinite_layers": bad_layers}
             )
+        anomalies = self.alerts.pop_anomalies()
+        if anomalies:
+            # Saved before the update is skipped: reloading this checkpoint and re-running batch.pt
+            # reproduces the non-finite loss.
+            self.save_anomaly_checkpoints(anomalies, {"loss": step_loss, "nonfinite_layers": bad_layers})
         for p in self.accelerator.unwrap_model(model).parameters():
             p.grad = None
         self._bad_steps += 1

@@ -1,0 +1,93 @@
+"""Step time of one GPT with no recipe, `fp8_hybrid`, `e5m2`, and with the FP32 shadow, as ratios in one run.
+
+    python benchmarks/train_step.py [--device cpu|cuda] [--n-layer 4 --n-embd 128 --block 64 --batch 12]
+
+The shadow's cost is reported against one extra forward/backward of the plain model (its floor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from altgrad.modeling import GPT, GPTConfig
+from altgrad.training import FP32ShadowModel, quantize_model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--batch", type=int, default=12)
+    p.add_argument("--steps", type=int, default=20)
+    args = p.parse_args()
+    dev = torch.device(args.device)
+    cfg = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block, vocab_size=65)
+    ids = torch.randint(0, 65, (args.batch, args.block), device=dev)
+
+    def make(recipe):
+        torch.manual_seed(0)
+        model = GPT(cfg).to(dev)
+        if recipe:
+            quantize_model(model, recipe)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        return model, opt
+
+    def timed(step_fn) -> float:
+        for _ in range(3):
+            step_fn()
+        times = []
+        for _ in range(args.steps):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step_fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    def train_step(model, opt, shadow=None):
+        def fn():
+            if shadow is not None:
+                shadow.sync_from(model)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            if shadow is not None:
+                shadow.accumulate({"input_ids": ids, "labels": ids})
+                shadow.compare(model)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return fn
+
+    base_model, base_opt = make(None)
+    results = {"no recipe (float32)": timed(train_step(base_model, base_opt))}
+
+    def fwd_bwd():
+        base_model(input_ids=ids, labels=ids).loss.backward()
+        base_model.zero_grad(set_to_none=True)
+
+    fb = timed(fwd_bwd)
+    for recipe in ("fp8_hybrid", "e5m2"):
+        results[f"{recipe} (simulated)"] = timed(train_step(*make(recipe)))
+    m, o = make(None)
+    results["no recipe + FP32 shadow"] = timed(train_step(m, o, FP32ShadowModel(m)))
+    m, o = make("fp8_hybrid")
+    results["fp8_hybrid + FP32 shadow"] = timed(train_step(m, o, FP32ShadowModel(m)))
+
+    base = results["no recipe (float32)"]
+    print(f"device={dev} model={args.n_layer}x{args.n_embd} block={args.block} batch={args.batch} torch={torch.__version__}")
+    for name, t in results.items():
+        print(f"{name:28s} {t * 1e3:8.2f} ms/step   {t / base:5.2f}x no-recipe step")
+    shadow_cost = results["no recipe + FP32 shadow"] - base
+    print(f"shadow overhead {shadow_cost * 1e3:.2f} ms = {shadow_cost / fb:.2f}x one extra forward/backward ({fb * 1e3:.2f} ms)")
+
+
+if __name__ == "__main__":
+    main()
