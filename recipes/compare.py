@@ -34,13 +34,14 @@ import json
 import math
 import re
 import statistics
-import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from altgrad.monitoring.wandb_offline import find_run_dirs, read_offline_run
 
 # Keys whose difference does not make two runs different experiments (they are the same
 # experiment repeated with another seed, possibly written somewhere else).
@@ -144,80 +145,21 @@ def _trainer_state_file(path: Path) -> Path | None:
 
 
 def _latest_wandb_run(path: Path) -> Path | None:
-    if path.name.startswith(("offline-run-", "run-")) and list(path.glob("*.wandb")):
-        return path
-    candidates = sorted(path.glob("wandb/offline-run-*")) + sorted(path.glob("wandb/run-*"))
-    candidates = [c for c in candidates if list(c.glob("*.wandb")) or (c / "files" / "wandb-summary.json").is_file()]
-    return candidates[-1] if candidates else None
+    runs = find_run_dirs(path)
+    return runs[-1] if runs else None
 
 
 def read_wandb_run(run_dir: Path) -> tuple[list[dict], dict, dict]:
-    """History rows, config and summary of a local W&B run folder.
-
-    The ``.wandb`` file is a LevelDB-style log (7-byte ``:W&B`` header, 32 KiB blocks of records with
-    a 7-byte header: crc32, length, type FULL/FIRST/MIDDLE/LAST) of ``wandb_internal_pb2.Record``
-    protobufs. History keys are mapped back to Trainer names: ``train/loss`` -> ``loss``,
-    ``eval/loss`` -> ``eval_loss``, ``train/global_step`` -> ``step``.
-    """
-    history: list[dict] = []
-    config: dict = {}
-    summary: dict = {}
-    files = sorted(run_dir.glob("*.wandb"))
-    if files:
-        try:
-            from wandb.proto import wandb_internal_pb2
-        except ImportError:  # pragma: no cover - wandb is a dependency
-            files = []
-        for data in _leveldb_records(files[0].read_bytes()) if files else []:
-            record = wandb_internal_pb2.Record()
-            try:
-                record.ParseFromString(data)
-            except Exception:
-                continue
-            kind = record.WhichOneof("record_type")
-            if kind == "history":
-                row = {}
-                for item in record.history.item:
-                    key = item.key or "/".join(item.nested_key)
-                    row[_trainer_key(key)] = _json(item.value_json)
-                if "step" not in row and "_step" in row:
-                    row["step"] = row["_step"]
-                history.append(row)
-            elif kind == "config":
-                for item in record.config.update:
-                    config[item.key or "/".join(item.nested_key)] = _json(item.value_json)
-            elif kind == "summary":
-                for item in record.summary.update:
-                    summary[_trainer_key(item.key or "/".join(item.nested_key))] = _json(item.value_json)
-    summary_file = run_dir / "files" / "wandb-summary.json"
-    if summary_file.is_file():
-        summary.update({_trainer_key(k): v for k, v in json.loads(summary_file.read_text()).items()})
-    return history, config, summary
-
-
-def _leveldb_records(buf: bytes, block: int = 32768, header: int = 7):
-    pos, pending = header, b""
-    while pos + 7 <= len(buf):
-        left = block - pos % block
-        if left < 7:  # block trailer padding
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", buf[pos:pos + 7])
-        pos += 7
-        if kind == 0 and length == 0:  # zero padding up to the end of the block
-            pos += left - 7
-            continue
-        data = buf[pos:pos + length]
-        pos += length
-        if kind == 1:
-            yield data
-        elif kind == 2:
-            pending = data
-        elif kind == 3:
-            pending += data
-        elif kind == 4:
-            yield pending + data
-            pending = b""
+    """History rows, config and summary of a local W&B run folder, with keys mapped back to Trainer
+    names: ``train/loss`` -> ``loss``, ``eval/loss`` -> ``eval_loss``, ``train/global_step`` -> ``step``."""
+    run = read_offline_run(run_dir)
+    history = []
+    for raw in run.history:
+        row = {_trainer_key(k): v for k, v in raw.items()}
+        if "step" not in row and "_step" in row:
+            row["step"] = row["_step"]
+        history.append(row)
+    return history, dict(run.config), {_trainer_key(k): v for k, v in run.summary.items()}
 
 
 def _trainer_key(key: str) -> str:
@@ -228,13 +170,6 @@ def _trainer_key(key: str) -> str:
     if key.startswith("eval/"):
         return "eval_" + key[len("eval/"):]
     return key
-
-
-def _json(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, TypeError):
-        return text
 
 
 # --------------------------------------------------------------------------------------- metrics

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 from pathlib import Path
 
 import pytest
 import yaml
 
+from altgrad.monitoring.wandb_offline import iter_records
 from altgrad.monitoring import (
     Alert,
     AlertCallback,
@@ -258,36 +258,6 @@ def test_unknown_alert_level_lists_valid_levels():
 
 
 # ---------------------------------------------------------------------------- W&B (real library, offline)
-def _read_wandb_records(path: Path):
-    """Decode a wandb transaction log (.wandb): LevelDB-log framing with a ':W&B' file header.
-
-    Layout (wandb 0.31, same as wandb/sdk/internal/datastore.py in earlier releases): 7-byte header
-    ``<4sHB`` = (b':W&B', 0xBEE1, version 0); then 32 KiB blocks of chunks, each ``<IHB`` =
-    (crc32c, length, type) + payload, type FULL=1/FIRST=2/MIDDLE=3/LAST=4; a block tail shorter than
-    a chunk header is zero padding. Payloads are serialized ``wandb.proto.wandb_internal_pb2.Record``.
-    """
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    ident, magic, _version = struct.unpack("<4sHB", data[:7])
-    assert (ident, magic) == (b":W&B", 0xBEE1), "unexpected .wandb header; has the format changed?"
-    block, pos, buf, records = 32768, 7, b"", []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:
-            pos += block - pos % block
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind == 0:
-            break  # preallocated/zeroed tail
-        buf = chunk if kind in (1, 2) else buf + chunk
-        if kind in (1, 4):
-            rec = pb.Record()
-            rec.ParseFromString(buf)
-            records.append(rec)
-    return records
-
-
 def _item_key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
@@ -315,7 +285,7 @@ def test_wandb_offline_run_records_alerts(tmp_path, monkeypatch):
     assert wandb.run is None and main.alert(200, "nonfinite_loss", "late") is not None
 
     (log_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
-    records = _read_wandb_records(log_file)
+    records = list(iter_records(log_file))
     kinds = [r.WhichOneof("record_type") for r in records]
     assert "exit" in kinds  # the run finished cleanly
 

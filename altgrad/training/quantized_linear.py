@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["TensorQuantizer", "QuantLinear", "ModelQuantizer", "quantize_model", "STAT_NAMES"]
 
+SQNR_CAP_DB = 200.0  # reported for tensors the format carries exactly
 STAT_NAMES = ("overflow_rate", "underflow_rate", "sqnr_db", "dynamic_range_used", "amax", "scale")
 
 
@@ -109,8 +110,8 @@ class TensorQuantizer:
         stats["scale"] = (
             torch.ones((), device=stats["amax"].device) if scale is None else scale.detach().float().mean()
         )
-        # SQNR is averaged in dB but an exact (inf) SQNR would swamp the mean: cap at 200 dB.
-        stats["sqnr_db"] = stats["sqnr_db"].clamp(max=200.0)
+        # SQNR is averaged in dB but an exact (inf) SQNR would swamp the mean: cap it.
+        stats["sqnr_db"] = stats["sqnr_db"].clamp(max=SQNR_CAP_DB)
         for key, value in stats.items():
             if key in self._stat_sums:
                 self._stat_sums[key] = self._stat_sums[key] + value.detach()

@@ -34,9 +34,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from altgrad.monitoring import AlertCallback, MonitoringConfig
-from altgrad.training.quantized_linear import ModelQuantizer, quantize_model
+from altgrad.training.quantized_linear import SQNR_CAP_DB, ModelQuantizer, quantize_model
 from altgrad.training.recipe import QuantRecipe
 from altgrad.training.shadow import FP32ShadowModel
 
@@ -45,6 +46,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["AltGradTrainer", "QUANT_STATE_FILE"]
 
 QUANT_STATE_FILE = "altgrad_quant_state.pt"
+RUN_INFO_FILE = "altgrad_run.json"
 ANOMALY_DIR = "anomalies"
 _PER_TENSOR_STATS = ("overflow_rate", "underflow_rate", "sqnr_db")
 
@@ -102,6 +104,7 @@ class AltGradTrainer(Trainer):
         self.recipe = QuantRecipe.from_dict(recipe)
         self.quantizer: ModelQuantizer = quantize_model(model, self.recipe)
         callbacks = list(kwargs.pop("callbacks", None) or [])
+        self._staging_root: str | None = None
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
         self.add_callback(_AfterOptimizerStep(self))
         self.shadow_every = shadow_every or 0
@@ -313,9 +316,17 @@ class AltGradTrainer(Trainer):
                 by_stat.setdefault(stat, []).append(value)
                 if stat in _PER_TENSOR_STATS:
                     metrics[f"quantization/{tensor_key}/{stat}"] = value
-            for stat in ("overflow_rate", "underflow_rate", "dynamic_range_used", "sqnr_db"):
+            for stat in ("overflow_rate", "underflow_rate", "dynamic_range_used"):
                 if stat in by_stat:
                     metrics[f"quantization/{stat}"] = torch.stack(by_stat[stat]).mean()
+            if "sqnr_db" in by_stat:
+                # Tensors carried exactly (e.g. weights already stored in the format) sit at the cap; they
+                # say nothing about noise, so the aggregate averages the others.
+                sq = torch.stack(by_stat["sqnr_db"])
+                noisy = sq < SQNR_CAP_DB
+                metrics["quantization/sqnr_db"] = torch.where(
+                    noisy.any(), (sq * noisy).sum() / noisy.sum().clamp_min(1), torch.full_like(sq[0], SQNR_CAP_DB)
+                )
         counts = self.quantizer.bit_stall.get_counts()
         if counts:
             stalled = torch.stack([s for s, _ in counts.values()])
@@ -367,15 +378,100 @@ class AltGradTrainer(Trainer):
             logs["val/perplexity"] = math.exp(eval_loss) if math.isfinite(eval_loss) and eval_loss < 700 else float("inf")
         super().log(logs, start_time)
 
-    # ------------------------------------------------------------------ quantization state in checkpoints
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        # The Trainer has just written checkpoint-<step>; add the quantization state next to it.
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+    # ------------------------------------------------------------------ checkpoints
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is being written, the Trainer's own saving code is pointed at a staging
+        # folder; `_save_checkpoint` renames the finished checkpoint into place.
+        return self._staging_root or super()._get_output_dir(trial=trial)
 
-        ckpt = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if self.args.should_save and os.path.isdir(ckpt):
-            self.save_quant_state(ckpt)
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's checkpoint plus altgrad's state, written atomically.
+
+        Everything is written under ``<output_dir>/.staging-checkpoint/checkpoint-<N>`` and renamed to
+        ``<output_dir>/checkpoint-<N>`` only once complete, so a crash mid-write never leaves a folder that
+        ``resume_from_checkpoint`` would pick up (it only considers ``checkpoint-<N>`` names).
+        """
+        run_dir = super()._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, ".staging-checkpoint")
+        if self.args.should_save:
+            shutil.rmtree(staging_root, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._staging_root = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+            staged = os.path.join(staging_root, name)
+            if self.args.should_save:
+                self.save_quant_state(staged)
+                with open(os.path.join(staged, RUN_INFO_FILE), "w") as f:
+                    json.dump(self._run_info(), f, indent=2)
+        finally:
+            self._staging_root = None
+        self.accelerator.wait_for_everyone()  # every rank's RNG state is in the staging folder
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging_root, name), final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            best = self.state.best_model_checkpoint
+            if best and best.startswith(staging_root):
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _resume_wandb_run(self, run_id: str) -> None:
+        """Open the checkpoint's W&B run before the Trainer's WandbCallback starts one: the callback
+        reuses an active run, so the resumed training logs into the same run (``resume="allow"``)."""
+        import wandb
+
+        if wandb.run is not None and wandb.run.id == run_id:
+            return
+        if wandb.run is not None:
+            wandb.finish()
+        wandb.init(
+            project=os.getenv("WANDB_PROJECT", "huggingface"),
+            id=run_id,
+            resume="allow",
+            name=self.args.run_name,
+        )
+
+    def _run_info(self) -> dict:
+        run_id = None
+        try:
+            import wandb
+
+            run_id = wandb.run.id if wandb.run is not None else None
+        except ImportError:  # pragma: no cover - wandb is a dependency, but keep checkpoints writable
+            pass
+        model_config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
+        return {
+            "wandb_run_id": run_id,
+            "recipe": self.recipe.to_dict(),
+            "model_config": model_config.to_diff_dict() if hasattr(model_config, "to_diff_dict") else None,
+        }
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """`Trainer.train`; on resume, also continue the checkpoint's W&B run (same run id)."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True or (isinstance(checkpoint, str) and checkpoint.lower() == "true"):
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+            if checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint-<N> folder")
+            resume_from_checkpoint = checkpoint
+        if isinstance(checkpoint, str):
+            info_path = os.path.join(checkpoint, RUN_INFO_FILE)
+            if os.path.isfile(info_path):
+                with open(info_path) as f:
+                    run_id = json.load(f).get("wandb_run_id")
+                if run_id and "wandb" in (self.args.report_to or []) and self.is_world_process_zero():
+                    self._resume_wandb_run(run_id)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def save_quant_state(self, directory: str) -> str:
         """Write the quantization state (recipe + amax histories) to ``directory``."""
@@ -401,8 +497,44 @@ class AltGradTrainer(Trainer):
         self.quantizer.load_state_dict(state)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        """Refuse incompatible or corrupt checkpoints with a clear message before loading anything."""
+        self._check_compatible(resume_from_checkpoint)
+        try:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        except Exception as exc:  # noqa: BLE001 - safetensors/torch/pickle errors all mean "cannot load this"
+            raise ValueError(
+                f"checkpoint {resume_from_checkpoint} could not be loaded ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); it is corrupt or incomplete. "
+                "Resume from another checkpoint-<N> folder or start a new run"
+            ) from None
         self.load_quant_state(resume_from_checkpoint)
+
+    def _check_compatible(self, checkpoint: str) -> None:
+        if not os.path.isdir(checkpoint):
+            raise ValueError(f"resume_from_checkpoint={checkpoint!r} is not a directory")
+        config_path = os.path.join(checkpoint, "config.json")
+        model_config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
+        if os.path.isfile(config_path) and model_config is not None:
+            try:
+                with open(config_path) as f:
+                    saved = json.load(f)
+            except (OSError, json.JSONDecodeError) as exc:
+                raise ValueError(f"checkpoint {checkpoint}: config.json is corrupt ({exc})") from None
+            mine = model_config.to_dict()
+            keys = ("model_type", "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+            diff = {k: (saved.get(k), mine.get(k)) for k in keys if k in mine and saved.get(k) != mine.get(k)}
+            if diff:
+                detail = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items())
+                raise ValueError(f"checkpoint {checkpoint} was trained with a different architecture ({detail})")
+        info_path = os.path.join(checkpoint, RUN_INFO_FILE)
+        if os.path.isfile(info_path):
+            with open(info_path) as f:
+                saved_recipe = json.load(f).get("recipe")
+            if saved_recipe is not None and saved_recipe != self.recipe.to_dict():
+                raise ValueError(
+                    f"checkpoint {checkpoint} was trained with recipe {saved_recipe.get('name')!r}, this run uses "
+                    f"{self.recipe.name!r}; resume with the same quantization recipe"
+                )
 
     def recipe_json(self) -> str:
         return json.dumps(self.recipe.to_dict(), indent=2)
