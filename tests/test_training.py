@@ -360,3 +360,45 @@ def test_divergent_run_alerts_checkpoints_and_stops(tmp_path):
     assert not math.isfinite(recorded["metrics"]["loss"]) or recorded["metrics"]["nonfinite_layers"]
     assert not torch.isfinite(loss), "re-running the saved batch reproduces the non-finite loss"
     assert (ckpt / "altgrad_quant_state.pt").is_file() and (ckpt / "optimizer.pt").is_file()
+
+
+# --------------------------------------------------------------------------- native FP8 backend
+def test_native_fp8_falls_back_to_identical_simulation_with_a_note(caplog):
+    recipe = QuantRecipe.from_dict({"preset": "fp8_hybrid", "backend": "native_fp8"})
+    b = batch()
+    results = []
+    for r in (recipe, "fp8_hybrid"):
+        model = tiny_gpt(seed=4)
+        quantize_model(model, r)
+        with caplog.at_level("WARNING", logger="altgrad.training.quantized_linear"):
+            loss = model(**b).loss
+        loss.backward()
+        results.append((loss.detach(), model.transformer.h[0].attn.c_attn.weight.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    notes = [r.getMessage() for r in caplog.records if "native_fp8" in r.getMessage()]
+    assert notes and "runs simulated" in notes[0]
+    assert len(notes) == 8  # one note per converted layer, not one per call
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
+    reason="needs a CUDA GPU with FP8 tensor cores",
+)
+def test_native_fp8_matches_simulation_to_accumulation_error():
+    torch.manual_seed(0)
+    native = QuantRecipe.from_dict({"preset": "fp8_hybrid", "backend": "native_fp8"})
+    outs = []
+    for r in (native, "fp8_hybrid"):
+        lin = nn.Linear(256, 512).cuda()
+        torch.manual_seed(1)
+        with torch.no_grad():
+            lin.weight.normal_(0, 0.02)
+        net = nn.Sequential(lin)
+        quantize_model(net, r, modules=["0"])
+        x = torch.randn(64, 256, device="cuda", requires_grad=True)
+        y = net(x)
+        y.backward(torch.randn_like(y, generator=None))
+        outs.append((y.detach(), x.grad, lin.weight.grad))
+    for a, b in zip(outs[0], outs[1]):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4 * b.abs().max().item())

@@ -40,7 +40,8 @@ from altgrad.quantization import (
     quantization_stats,
     quantize,
 )
-from altgrad.training.recipe import TENSOR_ROLES, QuantRecipe, TensorQuantSpec, get_recipe
+from altgrad.training.native_fp8 import NativeFP8LinearFunction, native_fp8_unsupported_reason
+from altgrad.training.recipe import TENSOR_ROLES, QuantRecipe, TensorQuantSpec
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +184,8 @@ class QuantLinear(nn.Linear):
         new.weight = linear.weight
         new.bias = linear.bias
         new.layer_name = name
+        new.native = recipe.backend == "native_fp8"
+        new._fallback_notes = set()
         new.quantizers = {}
         for role in ("weight", "activation", "grad_output"):
             spec = getattr(recipe, role)
@@ -191,6 +194,13 @@ class QuantLinear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native:
+            reason = native_fp8_unsupported_reason(self, x)
+            if reason is None:
+                return NativeFP8LinearFunction.apply(x, self.weight, self.bias, self)
+            if reason not in self._fallback_notes:  # one note per layer and reason
+                self._fallback_notes.add(reason)
+                logger.warning("altgrad native_fp8: %s runs simulated: %s", self.layer_name, reason)
         return _QuantizedLinearFunction.apply(x, self.weight, self.bias, self)
 
     def to_linear(self) -> nn.Linear:
@@ -347,8 +357,6 @@ def quantize_model(
     layers: list[tuple[str, QuantLinear]] = []
     if recipe.is_noop:
         return ModelQuantizer(model, recipe, layers)
-    if recipe.backend == "native_fp8":
-        logger.warning("altgrad: backend 'native_fp8' needs CUDA FP8 GEMMs; simulating on this path.")
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or isinstance(module, QuantLinear):
             continue

@@ -1,0 +1,123 @@
+"""Real FP8 GEMMs for the ``native_fp8`` recipe backend (Hopper/Ada GPUs, `torch._scaled_mm`).
+
+The operands are rounded by the same :func:`altgrad.quantization.quantize` as the simulated path (so
+rounding, scaling and statistics are identical), then stored as ``torch.float8_e4m3fn`` /
+``torch.float8_e5m2`` and multiplied by the tensor cores with float32 accumulation:
+
+    forward:           y  = (x8 @ w8^T) * (1/s_x) * (1/s_w)         x8: (M, K) row-major, w8^T: column-major
+    backward (input):  dx = (g8 @ w8)   * (1/s_g) * (1/s_w)
+    backward (weight): dW = (g8^T @ x8) * (1/s_g) * (1/s_x)
+
+`torch._scaled_mm` takes the *dequantization* scales (the inverse of altgrad's multipliers), needs every
+matrix dim that it contracts or outputs along N to be a multiple of 16, and has no E5M2 x E5M2 kernel.
+Whatever it cannot run (another format, per-block scales, odd shapes, no CUDA FP8 support) falls back to
+the simulated path for that layer, with one logged note per layer and reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from altgrad.quantization import quantize
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FP8_DTYPES", "native_fp8_unsupported_reason", "NativeFP8LinearFunction"]
+
+FP8_DTYPES = {"E4M3": torch.float8_e4m3fn, "E5M2": torch.float8_e5m2}
+_ROLES = ("activation", "weight", "grad_output")
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_supports_fp8(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 9)  # Ada (sm_89) and Hopper (sm_90)
+
+
+def _device_supports_fp8(device: torch.device) -> bool:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return _cuda_supports_fp8(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def native_fp8_unsupported_reason(layer, x: torch.Tensor) -> str | None:
+    """Why this layer/input cannot run on FP8 tensor cores (None when it can)."""
+    if not _device_supports_fp8(x.device):
+        return "no CUDA device with FP8 tensor cores (needs compute capability >= 8.9)"
+    missing = [r for r in _ROLES if r not in layer.quantizers]
+    if missing:
+        return f"roles {missing} are not quantized, but FP8 GEMMs need all three operands in FP8"
+    for role in _ROLES:
+        spec = layer.quantizers[role].spec
+        if spec.format not in FP8_DTYPES:
+            return f"{role} format {spec.format} has no hardware type (only E4M3/E5M2)"
+        if spec.granularity != "tensor":
+            return f"{role} uses {spec.granularity} scaling; the native path supports per-tensor scales"
+    fmt = {r: layer.quantizers[r].spec.format for r in _ROLES}
+    if fmt["activation"] == fmt["weight"] == "E5M2" or fmt["grad_output"] == fmt["weight"] == "E5M2" or (
+        fmt["grad_output"] == fmt["activation"] == "E5M2"
+    ):
+        return "E5M2 x E5M2 GEMMs have no FP8 kernel (use E4M3 for weights/activations, e.g. fp8_hybrid)"
+    tokens = x.numel() // x.shape[-1] if x.dim() else 0
+    dims = {"in_features": layer.in_features, "out_features": layer.out_features, "tokens (batch x seq)": tokens}
+    odd = [f"{k}={v}" for k, v in dims.items() if v % 16]
+    if odd:
+        return f"dims must be multiples of 16 for torch._scaled_mm ({', '.join(odd)})"
+    return None
+
+
+def _to_fp8(t: torch.Tensor, quantizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize with the simulated path's rounding and scaling, then store in the hardware dtype.
+
+    Returns the FP8 tensor and the *dequantization* scale (1 / altgrad's multiplier), float32, 0-d.
+    """
+    spec = quantizer.spec
+    scale = quantizer.scale_for(t)
+    q = quantize(t, spec.format, scale, rounding=spec.rounding, saturate=True)  # exact on the FP8 grid
+    if quantizer.collect_stats:
+        from altgrad.quantization import quantization_stats
+
+        quantizer._accumulate(quantization_stats(t, spec.format, scale, q=q), scale)
+    inv = torch.ones((), device=t.device) if scale is None else (1.0 / scale.float()).reshape(())
+    return q.to(FP8_DTYPES[spec.format]), inv
+
+
+def _scaled_mm(a8, b8_colmajor, inv_a, inv_b, out_dtype):
+    return torch._scaled_mm(a8, b8_colmajor, scale_a=inv_a, scale_b=inv_b, out_dtype=out_dtype)
+
+
+class NativeFP8LinearFunction(torch.autograd.Function):
+    """The three GEMMs of a Linear layer on FP8 tensor cores (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer):
+        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+        x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+        x8, inv_x = _to_fp8(x2, layer.quantizers["activation"])
+        w8, inv_w = _to_fp8(weight, layer.quantizers["weight"])  # (N, K)
+        y = _scaled_mm(x8, w8.t(), inv_x, inv_w, out_dtype)  # (M, N); w8.t() is column-major
+        if bias is not None:
+            y = y + bias.to(out_dtype)
+        ctx.save_for_backward(x8, w8, inv_x, inv_w)
+        ctx.layer, ctx.has_bias, ctx.x_shape, ctx.w_dtype = layer, bias is not None, x.shape, weight.dtype
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x8, w8, inv_x, inv_w = ctx.saved_tensors
+        layer = ctx.layer
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])  # (M, N)
+        g8, inv_g = _to_fp8(g2, layer.quantizers["grad_output"])
+        out_dtype = grad_out.dtype if grad_out.dtype != torch.float64 else torch.float32
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            w8_col = w8.t().contiguous().t()  # (N, K) column-major
+            grad_x = _scaled_mm(g8, w8_col, inv_g, inv_w, out_dtype).reshape(ctx.x_shape)  # (M, K)
+        if ctx.needs_input_grad[1]:
+            x8_col = x8.t().contiguous().t()  # (M, K) column-major
+            grad_w = _scaled_mm(g8.t().contiguous(), x8_col, inv_g, inv_x, torch.float32).to(ctx.w_dtype)  # (N, K)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0)
+        return grad_x, grad_w, grad_b, None
