@@ -336,10 +336,19 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, A
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
     parts = key.split(".")
+    if parts == ["quantization"] and isinstance(value, str):
+        # `quantization=e5m2` picks the recipe and keeps the section's other keys (shadow_every, ...)
+        section = raw.get("quantization")
+        section = dict(section) if isinstance(section, Mapping) else {}
+        section["recipe"] = value
+        raw["quantization"] = section
+        return
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
-        if isinstance(child, str) and parts[: i + 1] == ["quantization", "recipe"]:
+        if isinstance(child, str) and parts[: i + 1] == ["quantization"]:
+            child = {"recipe": child}  # the `quantization: e5m2` shorthand, now getting more keys
+        elif isinstance(child, str) and parts[: i + 1] == ["quantization", "recipe"]:
             # `quantization.recipe.exclude=[...]` on top of a preset name: edit the preset.
             child = {"preset": child}
         elif child is None:

@@ -124,6 +124,11 @@ def test_overrides_are_yaml_and_dotted(tmp_path):
     cfg = load_config(None, ["quantization.recipe=e5m2", "quantization.recipe.exclude=[transformer.h.0.*]"])
     assert cfg.recipe.exclude == ("transformer.h.0.*",) and cfg.recipe.weight.format == "E5M2"
     assert parse_overrides(["a.b=1"]) == [("a.b", 1)]
+    # The `quantization=<preset>` shorthand combines with other quantization keys, in either order.
+    for order in (["quantization=fp8_hybrid", "quantization.shadow_every=10"],
+                  ["quantization.shadow_every=10", "quantization=fp8_hybrid"]):
+        cfg = load_config(REPO / "recipes/configs/cpu_shakespeare_char.yaml", order)
+        assert cfg.recipe.name == "fp8_hybrid" and cfg.quantization.shadow_every == 10
 
 
 def test_resolved_config_round_trips(tmp_path):
