@@ -42,6 +42,7 @@ from typing import Any
 import yaml
 
 from altgrad.monitoring.wandb_offline import find_run_dirs, read_offline_run
+from altgrad.training.trainer import perplexity
 
 # Keys whose difference does not make two runs different experiments (they are the same
 # experiment repeated with another seed, possibly written somewhere else).
@@ -199,7 +200,7 @@ def summarize(run: Run, baseline: Run | None, th: Thresholds) -> dict[str, Any]:
         "seed": run.seed(),
         "final_loss": losses[-1] if losses else None,
         "val_loss": val_loss,
-        "val_ppl": math.exp(val_loss) if val_loss is not None and val_loss < 700 else None,
+        "val_ppl": perplexity(val_loss) if val_loss is not None else None,
         "ratio": val_loss / base_val if val_loss is not None and base_val else None,
         "cos_sim": statistics.fmean(cos) if cos else None,
         "bit_stall": statistics.fmean(stall) if stall else None,

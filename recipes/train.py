@@ -20,7 +20,6 @@ model card. Config or data errors exit with status 2 and one ``error: ...`` line
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -80,10 +79,14 @@ def run(config_path: str, overrides: list[str]) -> int:
     """Validate, prepare data, train, evaluate, save. Errors during training keep their traceback."""
     try:
         cfg, training_args, data = setup(config_path, overrides)
+        # Building the model and trainer applies the recipe (block sizes must divide the layer widths,
+        # the module patterns must match) and checks the checkpoint to resume from: still setup.
+        trainer, model = build_trainer(cfg, training_args, data)
+        checkpoint = trainer.resolve_checkpoint(cfg.training.resume_from_checkpoint)
     except ValueError as e:
         # Only setup errors are the user's to fix in the config: one line, no traceback.
         raise SetupError(_one_line(e)) from None
-    return train(cfg, training_args, data)
+    return train(cfg, training_args, data, trainer, model, checkpoint)
 
 
 def setup(config_path: str, overrides: list[str]):
@@ -124,15 +127,12 @@ def setup(config_path: str, overrides: list[str]):
     return cfg, training_args, data
 
 
-def train(cfg, training_args, data) -> int:
-    """Model -> AltGradTrainer -> train -> final evaluate -> save model, tokenizer, model card."""
+def build_trainer(cfg, training_args, data):
+    """Model -> AltGradTrainer (applies the recipe). Raises ValueError on an impossible recipe."""
     from transformers import default_data_collator
 
-    t = cfg.training
-    is_main = training_args.process_index == 0
-
     import altgrad.modeling  # noqa: F401  (registers the model with the Auto classes)
-    from altgrad.modeling import GPT, GPTConfig, write_model_card
+    from altgrad.modeling import GPT, GPTConfig
     from altgrad.training import AltGradTrainer
 
     model = GPT(GPTConfig(vocab_size=data.vocab_size, **cfg.gpt_config_kwargs()))
@@ -152,14 +152,22 @@ def train(cfg, training_args, data) -> int:
     )
     if "wandb" in (training_args.report_to or []):
         trainer.add_callback(_WandbFullConfig(cfg.to_dict()))
+    return trainer, model
 
-    trainer.train(resume_from_checkpoint=t.resume_from_checkpoint)
+
+def train(cfg, training_args, data, trainer, model, checkpoint) -> int:
+    """Train -> final evaluate -> save model, tokenizer, model card."""
+    from altgrad.modeling import write_model_card
+    from altgrad.training.trainer import perplexity
+
+    t = cfg.training
+    is_main = training_args.process_index == 0
+    trainer.train(resume_from_checkpoint=checkpoint)
     metrics = trainer.evaluate()
     trainer.save_state()  # trainer_state.json in output_dir, including the final eval
     if is_main:
-        val_loss = metrics.get("eval_loss")
-        ppl = math.exp(val_loss) if val_loss < 700 else float("inf")
-        print(f"final val_loss={val_loss:.4f} perplexity={ppl:.2f}", flush=True)
+        val_loss = metrics.get("eval_loss", float("nan"))
+        print(f"final val_loss={val_loss:.4f} perplexity={perplexity(val_loss):.2f}", flush=True)
 
     # save_model writes the weights + config (+ the tokenizer, as processing_class) on the main process.
     trainer.save_model(training_args.output_dir)

@@ -14,6 +14,7 @@ from gfloat.formats import FormatInfo, format_info_ocp_e8m0
 from gfloat.types import Domain
 
 from altgrad.quantization import FORMAT_REGISTRY, Special, get_format, quantize
+from altgrad.quantization import kernels
 from altgrad.quantization.kernels import format_params, needs_exact_subnormal_exponent, round_to_format
 
 ML_DTYPES = {
@@ -178,6 +179,8 @@ def test_compiled_path_matches_eager_bit_for_bit(name, rounding):
     seeds = torch.randint(-(2**31), 2**31, (2,), dtype=torch.int32) if rounding == "stochastic" else None
     eager = round_to_format(x, None, params, seeds, rounding, False, False, needs_exact_subnormal_exponent(fmt))
     _assert_bit_exact(x.numpy(), fast.numpy(), eager.numpy(), f"{name}/{rounding} compiled vs eager")
+    # ...and the fast path really was the compiled one (a failed compile falls back to eager silently)
+    assert kernels.compile_enabled("cpu"), "torch.compile of the quantization kernel failed on this machine"
 
 
 @pytest.mark.parametrize("name", ["E4M3", "E5M2", "E3M4", "E2M1", "BF16"])

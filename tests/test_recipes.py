@@ -251,6 +251,17 @@ def test_bad_config_exits_2_with_one_line(workdir, shakespeare_path):
     cfg = _tiny_config(workdir / "bad_cfg.yaml", shakespeare_path, workdir / "cache", workdir / "bad_out", "e5m2")
     _assert_one_line_error(_train_py("--config", str(cfg), "model.n_head=3"), "must be divisible by model.n_head=3")
     _assert_one_line_error(_train_py("--config", str(cfg), "training.bogus=1"), "unknown key 'training.bogus'")
+    # Problems only the recipe application or the checkpoint check can see are still setup errors.
+    _assert_one_line_error(
+        _train_py("--config", str(cfg), "quantization.recipe=mxfp8", "model.n_embd=48", "model.n_head=2"),
+        "block size 32 does not divide",
+    )
+    _assert_one_line_error(
+        _train_py("--config", str(cfg), "quantization.recipe.exclude=['*']"), "selects no Linear layer"
+    )
+    _assert_one_line_error(
+        _train_py("--config", str(cfg), f"training.resume_from_checkpoint={workdir / 'nowhere'}"), "is not a directory"
+    )
 
 
 def test_bad_data_exits_2_with_one_line(workdir, shakespeare_path, tmp_path):

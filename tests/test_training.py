@@ -76,6 +76,9 @@ def test_presets_and_yaml_friendly_round_trip():
         ({"weight": {"format": "e4m3", "granularity": "row"}}, "needs scaling='current'"),
         ({"preset": "fp9"}, "unknown recipe preset"),
         ({"backend": "tpu"}, "accepted"),
+        ({"weight": {"format": "e8m0"}}, "no sign bit"),
+        ({"weight": {"format": "e4m3", "power_of_two": "false"}}, "must be true or false"),
+        ({"modules": 5}, "list of module-name patterns"),
     ],
 )
 def test_bad_recipes_are_rejected_clearly(data, match):
@@ -142,6 +145,60 @@ def test_delayed_scaling_uses_history_not_current_amax():
     assert torch.equal(q2.layers[0][1].quantizers["activation"].history.get_amax(), torch.tensor(100.0))
     with pytest.raises(ValueError, match="different recipe"):
         quantize_model(nn.Sequential(nn.Linear(8, 8)), "e5m2", modules=["0"]).load_state_dict(state)
+
+
+def test_evaluation_leaves_delayed_scaling_and_stats_untouched():
+    model = tiny_gpt()
+    q = quantize_model(model, "fp8_hybrid")
+    b = batch()
+    for _ in range(2):  # two training steps announced like the trainer does
+        q.begin_step()
+        q.set_collect_stats(True)
+        model(**b).loss.backward()
+    before = q.state_dict()
+    model.eval()
+    with torch.no_grad():
+        for i in range(5):
+            model(**batch(10 + i))
+    model.train()
+    after = q.state_dict()
+    for key, state in before["quantizers"].items():
+        h0, h1 = state["history"], after["quantizers"][key]["history"]
+        assert h0["count"] == h1["count"] and torch.equal(h0["history"], h1["history"]), key
+        assert torch.equal(state["step_amax"], after["quantizers"][key]["step_amax"]), key
+    act = q.layers[0][1].quantizers["activation"]
+    assert act._stat_count == 2  # the two training forwards, none of the evaluation ones
+
+
+def test_amax_statistic_is_a_max_over_calls():
+    net = nn.Sequential(nn.Linear(4, 4))
+    q = quantize_model(net, QuantRecipe(activation=TensorQuantSpec("E4M3", scaling="current")), modules=["0"])
+    q.set_collect_stats(True)
+    net(torch.full((2, 4), 1.0))
+    net(torch.full((2, 4), 100.0))
+    assert q.pop_stats()["0/activation/amax"].item() == 100.0
+
+
+def test_gradient_checkpointing_sees_the_same_frozen_scales():
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_gpt(seed=6, dropout=0.0)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        q = quantize_model(model, "fp8_hybrid")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(3):
+            q.begin_step()
+            model(**batch(step)).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        q.begin_step()
+        model(**batch(9)).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        counts = {k: s["history"]["count"] for k, s in q.state_dict()["quantizers"].items() if s["history"]}
+        assert set(counts.values()) == {3}, counts  # one history entry per optimizer step
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
 
 
 def test_stored_weights_and_bit_stall_hand_count():
@@ -219,6 +276,7 @@ def test_shadow_compares_accumulated_gradient():
         shadow.accumulate(b, 2)
     m = shadow.compare(model)
     assert abs(m["grad_cos_sim/min"].item() - 1.0) < 1e-6
+    assert m["grad_rel_error/mean"].item() < 1e-5  # magnitudes too: the divisor is applied like the model's
     # the shadow's own gradients are zeroed at each sync
     shadow.sync_from(model)
     assert all(p.grad is None for p in shadow.model.parameters())
@@ -278,6 +336,23 @@ def test_trainer_logs_every_metric_once_per_logging_step(tmp_path):
     assert metrics["eval_loss"] > 0
 
 
+def test_trainer_shadow_is_like_for_like_with_accumulation_and_label_smoothing(tmp_path):
+    # No quantization in float32: the shadow must reproduce the model's gradient exactly, whatever the
+    # Trainer does to the loss (label smoothing, gradient accumulation, dropout masks).
+    model = tiny_gpt(seed=0, dropout=0.1)
+    args = TrainingArguments(
+        str(tmp_path / "ga"), max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=3,
+        label_smoothing_factor=0.1, logging_steps=2, report_to=[], save_strategy="no", use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = AltGradTrainer(model, args, recipe="bf16", train_dataset=_Windows())
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs
+    for h in logs:
+        assert abs(h["grad_cos_sim/min"] - 1.0) < 1e-6 and h["grad_rel_error/mean"] < 1e-5, h
+
+
 def test_stochastic_recipe_reproducible_with_seed(tmp_path):
     recipe = QuantRecipe.from_dict({"preset": "e5m2", "stored_weight": {"format": "E5M2", "rounding": "stochastic"}})
     losses = []
@@ -296,8 +371,11 @@ DDP_SCRIPT = textwrap.dedent(
     from altgrad.training import AltGradTrainer
     args = TrainingArguments({out!r}, max_steps=4, per_device_train_batch_size=2, logging_steps=2,
                              report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True)
-    trainer = AltGradTrainer(tiny_gpt(), args, recipe="e5m2", train_dataset=_Windows())
+    recipe = {{"preset": "e5m2", "stored_weight": {{"format": "E5M2", "rounding": "stochastic"}}}}
+    trainer = AltGradTrainer(tiny_gpt(), args, recipe=recipe, train_dataset=_Windows())
     trainer.train()
+    checksum = sum(p.detach().double().sum().item() for p in trainer.model.parameters())
+    json.dump(checksum, open({out!r} + f"/params-{{trainer.args.process_index}}.json", "w"))
     if trainer.is_world_process_zero():
         logs = [h for h in trainer.state.log_history if "loss" in h]
         json.dump({{"world": trainer.accelerator.num_processes, "logs": logs}}, open({out!r} + "/result.json", "w"))
@@ -322,6 +400,8 @@ def test_two_process_gloo_run_has_finite_reduced_metrics(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((out / "result.json").read_text())
     assert result["world"] == 2
+    # the replicas stay identical (stochastic rounding included)
+    assert json.loads((out / "params-0.json").read_text()) == json.loads((out / "params-1.json").read_text())
     for h in result["logs"]:
         for key in ("loss", "grad_cos_sim/mean", "quantization/overflow_rate", "quantization/bit_stall_rate"):
             assert key in h and h[key] == h[key] and abs(h[key]) != float("inf"), (key, h.get(key))

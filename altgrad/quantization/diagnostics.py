@@ -128,12 +128,16 @@ class BitStallDetector:
         q_before = quantize(before, fmt, scale, rounding=rounding)
         q_after = quantize(after, fmt, scale, rounding=rounding)
         updated = after != before
-        stalled = updated & (q_after == q_before)
+        self.count(name, updated, updated & (q_after == q_before))
+        self._range[name] = dynamic_range_used(q_after, fmt)
+
+    @torch.no_grad()
+    def count(self, name: str, updated: torch.Tensor, stalled: torch.Tensor) -> None:
+        """Add precomputed masks (e.g. a stored weight whose stochastic rounding gave back its old value)."""
         up = updated.sum().to(torch.float64)
         st = stalled.sum().to(torch.float64)
         self._updated[name] = self._updated[name] + up if name in self._updated else up
         self._stalled[name] = self._stalled[name] + st if name in self._stalled else st
-        self._range[name] = dynamic_range_used(q_after, fmt)
 
     def get_layer_stall_rates(self) -> dict[str, float]:
         """Per-tensor stall rate (stalled / updated); 0 for tensors with no updates."""

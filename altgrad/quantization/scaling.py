@@ -224,9 +224,15 @@ class AmaxHistory:
     def update_amax(self, value: torch.Tensor) -> torch.Tensor:
         """Record an amax computed elsewhere (e.g. fused into a quantization kernel)."""
         value = value.detach().to(torch.float32)
-        if self.history is None or self.history.shape[1:] != value.shape or self.history.device != value.device:
+        if self.history is not None and self.history.device != value.device:
+            self.history = self.history.to(value.device)  # e.g. loaded from a checkpoint on the CPU
+        if self.history is None or self.history.shape[1:] != value.shape:
             self.history = torch.zeros((self.window_size, *value.shape), dtype=torch.float32, device=value.device)
             self.count = 0
+        # A non-finite amax (a diverging step, usually skipped) must not poison the window for
+        # `window_size` steps: keep the previous value, as Transformer Engine keeps the previous scale.
+        previous = self.history[(self.count - 1) % self.window_size] if self.count else torch.zeros_like(value)
+        value = torch.where(torch.isfinite(value), value, previous)
         self.history[self.count % self.window_size].copy_(value)
         self.count += 1
         return value

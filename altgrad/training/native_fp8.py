@@ -21,8 +21,6 @@ import logging
 
 import torch
 
-from altgrad.quantization import quantize
-
 logger = logging.getLogger(__name__)
 
 __all__ = ["FP8_DTYPES", "native_fp8_unsupported_reason", "NativeFP8LinearFunction"]
@@ -68,20 +66,13 @@ def native_fp8_unsupported_reason(layer, x: torch.Tensor) -> str | None:
     return None
 
 
-def _to_fp8(t: torch.Tensor, quantizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize with the simulated path's rounding and scaling, then store in the hardware dtype.
-
-    Returns the FP8 tensor and the *dequantization* scale (1 / altgrad's multiplier), float32, 0-d.
-    """
-    spec = quantizer.spec
-    scale = quantizer.scale_for(t)
-    q = quantize(t, spec.format, scale, rounding=spec.rounding, saturate=True)  # exact on the FP8 grid
-    if quantizer.collect_stats:
-        from altgrad.quantization import quantization_stats
-
-        quantizer._accumulate(quantization_stats(t, spec.format, scale, q=q), scale)
+def _to_fp8(t: torch.Tensor, quantizer, record: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize exactly as the simulated path does (same scale, rounding, saturation and statistics),
+    then store in the hardware dtype. Returns the FP8 tensor and the *dequantization* scale (1 /
+    altgrad's multiplier), float32, 0-d."""
+    q, scale = quantizer.quantize(t, record)
     inv = torch.ones((), device=t.device) if scale is None else (1.0 / scale.float()).reshape(())
-    return q.to(FP8_DTYPES[spec.format]), inv
+    return q.to(FP8_DTYPES[quantizer.spec.format]), inv
 
 
 def _scaled_mm(a8, b8_colmajor, inv_a, inv_b, out_dtype):
@@ -95,8 +86,8 @@ class NativeFP8LinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, layer):
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
         x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-        x8, inv_x = _to_fp8(x2, layer.quantizers["activation"])
-        w8, inv_w = _to_fp8(weight, layer.quantizers["weight"])  # (N, K)
+        x8, inv_x = _to_fp8(x2, layer.quantizers["activation"], layer.training)
+        w8, inv_w = _to_fp8(weight, layer.quantizers["weight"], layer.training)  # (N, K)
         y = _scaled_mm(x8, w8.t(), inv_x, inv_w, out_dtype)  # (M, N); w8.t() is column-major
         if bias is not None:
             y = y + bias.to(out_dtype)
@@ -109,7 +100,7 @@ class NativeFP8LinearFunction(torch.autograd.Function):
         x8, w8, inv_x, inv_w = ctx.saved_tensors
         layer = ctx.layer
         g2 = grad_out.reshape(-1, grad_out.shape[-1])  # (M, N)
-        g8, inv_g = _to_fp8(g2, layer.quantizers["grad_output"])
+        g8, inv_g = _to_fp8(g2, layer.quantizers["grad_output"], layer.training)
         out_dtype = grad_out.dtype if grad_out.dtype != torch.float64 else torch.float32
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:

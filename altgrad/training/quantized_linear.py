@@ -54,6 +54,14 @@ STAT_NAMES = ("overflow_rate", "underflow_rate", "sqnr_db", "dynamic_range_used"
 class TensorQuantizer:
     """Quantizes one tensor role of one layer: keeps its scaling state and (on request) its statistics.
 
+    Delayed scaling follows Transformer Engine: the scale used during an optimizer step comes from the
+    amax history of *previous* steps and is frozen for the whole step, while the step's own amax (the
+    max over its micro-batches) joins the history when the next step begins. Freezing makes every
+    recomputation of the step (gradient checkpointing) see the same scale, and makes the history count
+    optimizer steps. A driver announces steps with :meth:`begin_step` (the trainer does); without one,
+    each training call counts as a step. Evaluation calls (``record=False``) use the current scale and
+    change no state.
+
     Statistics accumulate as on-device tensors only while ``collect_stats`` is on (the trainer turns
     it on for the steps it logs), so ordinary steps pay for quantization alone.
     """
@@ -72,39 +80,81 @@ class TensorQuantizer:
         self._stat_sums: dict[str, torch.Tensor] = {}
         self._stat_count = 0
         self.last_scale: torch.Tensor | None = None
+        self._stepped = False  # a driver calls begin_step()
+        self._step_amax: torch.Tensor | None = None  # this step's amax, not yet in the history
+        self._step_scale: torch.Tensor | None = None  # the scale frozen for this step
 
     # ------------------------------------------------------------------ scaling
-    def scale_for(self, x: torch.Tensor) -> torch.Tensor | None:
+    def begin_step(self) -> None:
+        """Start an optimizer step: last step's amax joins the history; the next scale is derived lazily."""
+        self._stepped = True
+        if self.history is not None and self._step_amax is not None:
+            self.history.update_amax(self._step_amax)
+        self._step_amax = None
+        self._step_scale = None
+
+    def _scale_from_amax(self, amax_value: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        if spec.scale_format == "E8M0":
+            return mx_scale(amax_value, spec.format)
+        return compute_scale(amax_value, spec.format, margin=spec.margin, power_of_two=spec.power_of_two)
+
+    def _delayed_scale(self, x: torch.Tensor, record: bool) -> torch.Tensor:
+        history = self.history
+        if not self._stepped:
+            # No step boundaries announced: every training call is a step of its own.
+            if record:
+                self.begin_step()
+                self._stepped = False
+                current = amax(x, self.granularity)
+                scale = self._scale_from_amax(history.get_amax(self.spec.amax_algo) if len(history) else current)
+                self._step_amax = current
+                return scale
+            return self._scale_from_amax(history.get_amax(self.spec.amax_algo) if len(history) else amax(x))
+        if record:
+            current = amax(x, self.granularity)
+            self._step_amax = current if self._step_amax is None else torch.maximum(self._step_amax, current)
+        if self._step_scale is None:
+            if len(history):
+                source = history.get_amax(self.spec.amax_algo)
+            else:  # the very first step has no history: its own (first micro-batch's) amax
+                source = self._step_amax if self._step_amax is not None else amax(x, self.granularity)
+            if not record:
+                return self._scale_from_amax(source)  # evaluation before any training step: don't freeze
+            self._step_scale = self._scale_from_amax(source)
+        return self._step_scale
+
+    def scale_for(self, x: torch.Tensor, record: bool = True) -> torch.Tensor | None:
+        """The multiplier for ``x``; ``record=False`` (evaluation) leaves the scaling state untouched."""
         spec = self.spec
         if spec.scaling == "none":
-            return None
-        if spec.scaling == "delayed":
-            # The scale comes from *previous* steps' amaxes (no pass over x before the GEMM in a real
-            # kernel); the very first call has no history and uses its own amax.
-            if len(self.history):
-                amax_value = self.history.get_amax(spec.amax_algo)
-                self.history.update(x)
-            else:
-                amax_value = self.history.update(x)
+            scale = None
+        elif spec.scaling == "delayed":
+            scale = self._delayed_scale(x, record)
         else:
-            amax_value = amax(x, self.granularity)
-        if spec.scale_format == "E8M0":
-            scale = mx_scale(amax_value, spec.format)
-        else:
-            scale = compute_scale(amax_value, spec.format, margin=spec.margin, power_of_two=spec.power_of_two)
-        self.last_scale = scale
+            scale = self._scale_from_amax(amax(x, self.granularity))
+        if record:
+            self.last_scale = scale
         return scale
 
     # ------------------------------------------------------------------ quantize
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize ``x`` (quantize, then divide the scale back out)."""
+    def quantize(self, x: torch.Tensor, record: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(q, scale)``: ``x * scale`` on the format's grid; statistics recorded when collecting."""
         spec = self.spec
-        scale = self.scale_for(x)
-        if not self.collect_stats:
-            return fake_quantize(x, spec.format, scale, rounding=spec.rounding, saturate=spec.saturate)
+        scale = self.scale_for(x, record)
         q = quantize(x, spec.format, scale, rounding=spec.rounding, saturate=spec.saturate)
-        self._accumulate(quantization_stats(x, spec.format, scale, q=q), scale)
-        return dequantize(q, scale)
+        if record and self.collect_stats:
+            self._accumulate(quantization_stats(x, spec.format, scale, q=q), scale)
+        return q, scale
+
+    def __call__(self, x: torch.Tensor, record: bool = True) -> torch.Tensor:
+        """Fake-quantize ``x`` (quantize, then divide the scale back out) in one fused pass."""
+        spec = self.spec
+        if record and self.collect_stats:
+            q, scale = self.quantize(x, record)
+            return dequantize(q, scale)
+        scale = self.scale_for(x, record)
+        return fake_quantize(x, spec.format, scale, rounding=spec.rounding, saturate=spec.saturate)
 
     def _accumulate(self, stats: dict[str, torch.Tensor], scale: torch.Tensor | None) -> None:
         stats = dict(stats)
@@ -114,28 +164,36 @@ class TensorQuantizer:
         # SQNR is averaged in dB but an exact (inf) SQNR would swamp the mean: cap it.
         stats["sqnr_db"] = stats["sqnr_db"].clamp(max=SQNR_CAP_DB)
         for key, value in stats.items():
-            if key in self._stat_sums:
-                self._stat_sums[key] = self._stat_sums[key] + value.detach()
+            value = value.detach()
+            if key not in self._stat_sums:
+                self._stat_sums[key] = value.clone()
+            elif key == "amax":  # a max over the calls, not a mean
+                self._stat_sums[key] = torch.maximum(self._stat_sums[key], value)
             else:
-                self._stat_sums[key] = value.detach().clone()
+                self._stat_sums[key] = self._stat_sums[key] + value
         self._stat_count += 1
 
     def pop_stats(self) -> dict[str, torch.Tensor]:
-        """Mean of each statistic since the last call (on-device 0-d tensors), then reset."""
+        """Statistics since the last call (on-device 0-d tensors: means, amax a max), then reset."""
         if not self._stat_count:
             return {}
-        out = {k: v / self._stat_count for k, v in self._stat_sums.items()}
-        if "amax" in self._stat_sums:  # amax is a max, not a mean: keep the latest
-            out["amax"] = self._stat_sums["amax"] / self._stat_count
+        out = {k: v if k == "amax" else v / self._stat_count for k, v in self._stat_sums.items()}
         self._stat_sums, self._stat_count = {}, 0
         return out
 
     def state_dict(self) -> dict:
-        return {"history": None if self.history is None else self.history.state_dict()}
+        return {
+            "history": None if self.history is None else self.history.state_dict(),
+            "step_amax": None if self._step_amax is None else self._step_amax.detach().clone(),
+            "stepped": self._stepped,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if self.history is not None and state.get("history") is not None:
             self.history.load_state_dict(state["history"])
+        self._step_amax = state.get("step_amax")
+        self._stepped = bool(state.get("stepped", False))
+        self._step_scale = None
 
 
 class _QuantizedLinearFunction(torch.autograd.Function):
@@ -143,8 +201,9 @@ class _QuantizedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer: "QuantLinear"):
-        xq = layer.quantizers["activation"](x) if "activation" in layer.quantizers else x
-        wq = layer.quantizers["weight"](weight) if "weight" in layer.quantizers else weight
+        record = layer.training  # evaluation quantizes with the current scales and records nothing
+        xq = layer.quantizers["activation"](x, record) if "activation" in layer.quantizers else x
+        wq = layer.quantizers["weight"](weight, record) if "weight" in layer.quantizers else weight
         ctx.save_for_backward(xq, wq)
         ctx.layer = layer
         ctx.has_bias = bias is not None
@@ -154,7 +213,7 @@ class _QuantizedLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         xq, wq = ctx.saved_tensors
         layer = ctx.layer
-        gq = layer.quantizers["grad_output"](grad_out) if "grad_output" in layer.quantizers else grad_out
+        gq = layer.quantizers["grad_output"](grad_out, layer.training) if "grad_output" in layer.quantizers else grad_out
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = gq @ wq.to(gq.dtype)  # (..., in)
@@ -215,7 +274,7 @@ class QuantLinear(nn.Linear):
         return f"{super().extra_repr()}, {roles}"
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
@@ -276,6 +335,11 @@ class ModelQuantizer:
         """Remember the weights before an optimizer step, for bit-stall."""
         self._snapshots = {name: layer.weight.detach().clone() for name, layer in self.layers}
 
+    def begin_step(self) -> None:
+        """Announce a new optimizer step to every quantizer (delayed scales roll forward once per step)."""
+        for q in self.all_quantizers().values():
+            q.begin_step()
+
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         """Round stored weights (if the recipe stores them quantized) and measure bit-stall."""
@@ -284,19 +348,17 @@ class ModelQuantizer:
             stored = self.stored_weight_quantizers.get(name)
             after = layer.weight.detach()
             if stored is not None:
-                scale = stored.scale_for(after)
+                rounded = stored(after)  # nearest or stochastic, as the recipe says
                 if before is not None:
-                    self.bit_stall.update(name, before, after, stored.spec.format, scale)
-                layer.weight.copy_(
-                    fake_quantize(after, stored.spec.format, scale, rounding=stored.spec.rounding)
-                )
-            elif before is not None:
-                wq = layer.quantizers.get("weight")
-                if wq is None:
-                    continue
-                scale = wq.last_scale
-                self.bit_stall.update(name, before, after, wq.spec.format, scale)
+                    # `before` is the stored value: the update stalled where rounding gave it back.
+                    updated = after != before
+                    self.bit_stall.count(name, updated, updated & (rounded == before))
+                layer.weight.copy_(rounded)
+            elif before is not None and "weight" in layer.quantizers:
+                wq = layer.quantizers["weight"]
+                self.bit_stall.update(name, before, after, wq.spec.format, wq.last_scale)
         self._snapshots = {}
+        self.set_collect_stats(False)  # whatever runs before the next step (evaluation) is not a log step
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -326,7 +388,7 @@ class ModelQuantizer:
     def remove(self) -> nn.Module:
         """Swap every QuantLinear back to a plain nn.Linear (same parameters)."""
         for name, layer in self.layers:
-            _set_submodule(self.model, name, layer.to_linear())
+            set_submodule(self.model, name, layer.to_linear())
         self.layers = []
         return self.model
 
@@ -366,7 +428,7 @@ def quantize_model(
             continue
         _check_blocks(name, module, recipe)
         qlayer = QuantLinear.from_linear(module, recipe, name)
-        _set_submodule(model, name, qlayer)
+        set_submodule(model, name, qlayer)
         layers.append((name, qlayer))
     if not layers:
         linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]

@@ -83,7 +83,15 @@ class TensorQuantSpec:
 
     def __post_init__(self) -> None:
         fmt = get_format(self.format)  # raises with the registry listed
+        if not fmt.signed:
+            raise ValueError(
+                f"format {fmt.name} has no sign bit (a scale type): weights, activations and gradients need a "
+                "signed format; use it as scale_format instead"
+            )
         object.__setattr__(self, "format", fmt.name)
+        for name in ("power_of_two", "saturate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         checks = [
             ("rounding", self.rounding, ROUNDING_MODES),
             ("scaling", self.scaling, _SCALINGS),
@@ -161,7 +169,7 @@ class QuantRecipe:
             value = getattr(self, attr)
             if isinstance(value, str):
                 value = (value,)
-            if not all(isinstance(v, str) for v in value):
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"recipe.{attr} must be a list of module-name patterns, got {value!r}")
             object.__setattr__(self, attr, tuple(value))
         if self.backend not in _BACKENDS:

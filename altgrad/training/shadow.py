@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from altgrad.training.quantized_linear import QuantLinear
+from altgrad.training.quantized_linear import QuantLinear, set_submodule
 
 __all__ = ["FP32ShadowModel", "gradient_snr"]
 
@@ -61,9 +61,7 @@ class FP32ShadowModel:
         shadow = copy.deepcopy(source)
         for name, module in list(shadow.named_modules()):
             if isinstance(module, QuantLinear):
-                parent_name, _, child = name.rpartition(".")
-                parent = shadow.get_submodule(parent_name) if parent_name else shadow
-                setattr(parent, child, module.to_linear())
+                set_submodule(shadow, name, module.to_linear())
         self.model = shadow.float()
         self.model.train(source.training)
         params = dict(self.model.named_parameters())
@@ -81,17 +79,21 @@ class FP32ShadowModel:
             p.grad = None
         self.model.train(_unwrap(model).training)
 
-    def accumulate(self, inputs: dict, loss_divisor: float | torch.Tensor = 1.0, **forward_kwargs) -> torch.Tensor:
+    def accumulate(self, inputs: dict, loss_divisor: float = 1.0, loss_fn=None, **forward_kwargs) -> torch.Tensor:
         """Forward/backward one micro-batch in float32 with no autocast; returns the loss.
 
-        ``loss_divisor`` reproduces the trainer's loss scaling (gradient-accumulation steps), and
-        ``forward_kwargs`` (e.g. ``num_items_in_batch``) are passed to the model like the trainer does.
+        By default the loss is ``model(**inputs, **forward_kwargs).loss / loss_divisor``; a trainer passes
+        ``loss_fn(shadow_model, batch)`` to reproduce its own loss exactly (label smoothing, token
+        counts, gradient-accumulation scaling).
         """
         device = next(self.model.parameters()).device
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         with torch.autocast(device_type=device.type, enabled=False):
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-            loss = self.model(**batch, **forward_kwargs).loss
-            (loss / loss_divisor).backward()
+            if loss_fn is not None:
+                loss = loss_fn(self.model, batch)
+            else:
+                loss = self.model(**batch, **forward_kwargs).loss / loss_divisor
+            loss.backward()
         return loss.detach()
 
     @torch.no_grad()

@@ -43,7 +43,7 @@ from altgrad.training.shadow import FP32ShadowModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AltGradTrainer", "QUANT_STATE_FILE"]
+__all__ = ["AltGradTrainer", "QUANT_STATE_FILE", "perplexity"]
 
 QUANT_STATE_FILE = "altgrad_quant_state.pt"
 RUN_INFO_FILE = "altgrad_run.json"
@@ -59,6 +59,25 @@ class _AfterOptimizerStep(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._after_optimizer_step()
+
+
+def perplexity(loss: float | None) -> float:
+    """exp(loss), inf for a non-finite or overflowing loss (NaN stays NaN, None gives NaN)."""
+    if loss is None or math.isnan(loss):
+        return float("nan")
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+def _rng_state(device: torch.device):
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(device: torch.device, state) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 class _AnomalyCheckpoints(TrainerCallback):
@@ -164,9 +183,11 @@ class AltGradTrainer(Trainer):
                 self.save_quant_state(tmp)
                 self.state.save_to_json(os.path.join(tmp, "trainer_state.json"))
                 if self._last_batch is not None:
-                    torch.save(self._last_batch, os.path.join(tmp, "batch.pt"))
+                    torch.save({k: v.cpu() for k, v in self._last_batch.items()}, os.path.join(tmp, "batch.pt"))
                 with open(os.path.join(tmp, "anomaly.json"), "w") as f:
                     json.dump({"alert": alert.to_dict(), "metrics": metrics or {}}, f, indent=2, default=str)
+            self.accelerator.wait_for_everyone()  # every rank's RNG state is written before the rename
+            if self.args.should_save:
                 os.replace(tmp, final)
                 saved.append(final)
                 logger.warning("altgrad: anomaly checkpoint saved to %s", final)
@@ -194,7 +215,7 @@ class AltGradTrainer(Trainer):
         every = args.logging_steps
         if 0 < every < 1:
             every = max(1, math.ceil(self.state.max_steps * every))
-        return step % int(every) == 0 or step == self.state.max_steps
+        return step % int(every) == 0
 
     # ------------------------------------------------------------------ training loop hooks
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -212,6 +233,7 @@ class AltGradTrainer(Trainer):
         next_step = self.state.global_step + 1
         shadow_step = self.shadow is not None and (next_step - 1) % self.shadow_every == 0
         if self._micro_in_window == 0:
+            self.quantizer.begin_step()
             self._collecting = self._will_log(next_step)
             self.quantizer.set_collect_stats(self._collecting)
             self._step_losses = []
@@ -219,26 +241,44 @@ class AltGradTrainer(Trainer):
                 self.shadow.sync_from(model)
             if self._last_log_time is None:
                 self._last_log_time = time.perf_counter()
-        self._last_batch = {k: v.detach().cpu() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        # Kept on device (no copy, no sync); moved to the CPU only if an anomaly checkpoint saves it.
+        self._last_batch = {k: v.detach() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        rng = _rng_state(self.args.device) if shadow_step else None
         loss = super().training_step(model, inputs, num_items_in_batch)
         if shadow_step:
-            self._shadow_micro_batch(inputs, num_items_in_batch)
+            self._shadow_micro_batch(inputs, num_items_in_batch, rng)
         self._micro_in_window += 1
         if self.accelerator.sync_gradients:
             self._micro_in_window = 0
             self._before_optimizer_step(model, shadow_step)
         return loss
 
-    def _shadow_micro_batch(self, inputs: dict, num_items_in_batch) -> None:
-        # Scale the shadow's loss exactly as Trainer.training_step/compute_loss scale the model's.
-        kwargs = {}
-        divisor: float = float(self.current_gradient_accumulation_steps)
-        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
-            kwargs["num_items_in_batch"] = num_items_in_batch
-            divisor = 1.0
-            if self.args.average_tokens_across_devices:
-                divisor = 1.0 / self.accelerator.num_processes
-        self.shadow.accumulate(inputs, divisor, **kwargs)
+    def _shadow_micro_batch(self, inputs: dict, num_items_in_batch, rng_before) -> None:
+        """The shadow's forward/backward on the same micro-batch, with the Trainer's own loss.
+
+        `Trainer.compute_loss` (the base class's, so nothing is logged twice) applies label smoothing,
+        `compute_loss_func`, `num_items_in_batch` and the cross-device token averaging exactly as for the
+        model; the gradient-accumulation division mirrors `Trainer.training_step`. The RNG is rewound to
+        where the model's forward started (same dropout masks) and restored afterwards, so the shadow
+        changes nothing in the run it watches.
+        """
+
+        def loss_fn(shadow_model, batch):
+            loss = Trainer.compute_loss(self, shadow_model, dict(batch), num_items_in_batch=num_items_in_batch)
+            if self.args.n_gpu > 1:
+                loss = loss.mean()
+            if self.loss_is_scaled_for_ga is not None:
+                scaled = self.loss_is_scaled_for_ga
+            else:
+                scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                    self.compute_loss_func is not None
+                )
+            return loss if scaled else loss / self.current_gradient_accumulation_steps
+
+        device = self.args.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            _set_rng_state(device, rng_before)
+            self.shadow.accumulate(inputs, loss_fn=loss_fn)
 
     def _named_grads(self, model) -> list[tuple[str, torch.Tensor]]:
         return [(n, p.grad) for n, p in self.accelerator.unwrap_model(model).named_parameters() if p.grad is not None]
@@ -247,14 +287,15 @@ class AltGradTrainer(Trainer):
     def _before_optimizer_step(self, model, shadow_step: bool) -> None:
         self.quantizer.quantize_weight_grads()
         named = self._named_grads(model)
-        # One host sync per step for the two non-finite checks (the Trainer already syncs on the loss).
-        loss_ok = torch.stack([torch.isfinite(l).all() for l in self._step_losses]).all() if self._step_losses else None
-        grad_ok = torch.stack([torch.isfinite(g).all() for _, g in named]) if named else None
-        flags = torch.cat([x.reshape(-1) for x in (loss_ok, grad_ok) if x is not None]).cpu().tolist()
-        loss_finite = bool(flags[0]) if loss_ok is not None else True
-        grads_finite = all(flags[1:]) if loss_ok is not None else all(flags)
-        if not (loss_finite and grads_finite):
-            self._handle_bad_step(model, named, loss_finite, flags[1:] if loss_ok is not None else flags)
+        # One host sync per step decides whether the update may run (the Trainer syncs on the loss
+        # anyway): a gradient norm is non-finite iff the gradient holds a NaN/inf.
+        grad_norms = torch.stack(torch._foreach_norm([g for _, g in named])) if named else None
+        losses = torch.stack(self._step_losses).float() if self._step_losses else None
+        parts = [t.reshape(-1) for t in (losses, grad_norms) if t is not None]
+        if parts and not bool(torch.isfinite(torch.cat(parts)).all()):
+            loss_finite = losses is None or bool(torch.isfinite(losses).all())
+            grad_flags = torch.isfinite(grad_norms).tolist() if grad_norms is not None else []
+            self._handle_bad_step(model, named, loss_finite, grad_flags)
             return
         self._bad_steps = 0
         if shadow_step:
@@ -364,7 +405,7 @@ class AltGradTrainer(Trainer):
         logs = dict(logs)
         if "loss" in logs and "train_runtime" not in logs:
             loss = logs["loss"]
-            logs["perplexity"] = math.exp(loss) if math.isfinite(loss) and loss < 700 else float("inf")
+            logs["perplexity"] = perplexity(loss)
             now = time.perf_counter()
             if self._last_log_time is not None and now > self._last_log_time:
                 logs["tokens_per_second"] = self._tokens_since_log * self.accelerator.num_processes / (
@@ -375,7 +416,7 @@ class AltGradTrainer(Trainer):
         if "eval_loss" in logs:
             eval_loss = logs["eval_loss"]
             logs["val/loss"] = eval_loss
-            logs["val/perplexity"] = math.exp(eval_loss) if math.isfinite(eval_loss) and eval_loss < 700 else float("inf")
+            logs["val/perplexity"] = perplexity(eval_loss)
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ checkpoints
@@ -417,6 +458,7 @@ class AltGradTrainer(Trainer):
             best = self.state.best_model_checkpoint
             if best and best.startswith(staging_root):
                 self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+                self.state.save_to_json(os.path.join(final, "trainer_state.json"))  # the on-disk copy too
             rotate_checkpoints(
                 output_dir=run_dir,
                 save_total_limit=self.args.save_total_limit,
@@ -452,23 +494,35 @@ class AltGradTrainer(Trainer):
         model_config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
         return {
             "wandb_run_id": run_id,
+            "consecutive_bad_steps": self._bad_steps,
             "recipe": self.recipe.to_dict(),
             "model_config": model_config.to_diff_dict() if hasattr(model_config, "to_diff_dict") else None,
         }
 
-    def train(self, resume_from_checkpoint=None, **kwargs):
-        """`Trainer.train`; on resume, also continue the checkpoint's W&B run (same run id)."""
+    def resolve_checkpoint(self, resume_from_checkpoint) -> str | None:
+        """The checkpoint folder a resume would load (``True``: the latest in ``output_dir``), checked for
+        compatibility with this run's architecture and recipe; raises ValueError before any work."""
         checkpoint = resume_from_checkpoint
+        if checkpoint in (None, False) or (isinstance(checkpoint, str) and checkpoint.lower() in ("", "false")):
+            return None
         if checkpoint is True or (isinstance(checkpoint, str) and checkpoint.lower() == "true"):
-            checkpoint = get_last_checkpoint(self.args.output_dir)
+            checkpoint = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
             if checkpoint is None:
                 raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint-<N> folder")
-            resume_from_checkpoint = checkpoint
-        if isinstance(checkpoint, str):
+        self._check_compatible(str(checkpoint))
+        return str(checkpoint)
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """`Trainer.train`; on resume, also continue the checkpoint's W&B run (same run id)."""
+        checkpoint = self.resolve_checkpoint(resume_from_checkpoint)
+        resume_from_checkpoint = checkpoint
+        if checkpoint is not None:
             info_path = os.path.join(checkpoint, RUN_INFO_FILE)
             if os.path.isfile(info_path):
                 with open(info_path) as f:
-                    run_id = json.load(f).get("wandb_run_id")
+                    info = json.load(f)
+                run_id = info.get("wandb_run_id")
+                self._bad_steps = int(info.get("consecutive_bad_steps", 0))  # the nan_patience streak goes on
                 if run_id and "wandb" in (self.args.report_to or []) and self.is_world_process_zero():
                     self._resume_wandb_run(run_id)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
@@ -491,7 +545,7 @@ class AltGradTrainer(Trainer):
                 )
             return
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = torch.load(path, map_location=self.args.device, weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling error means a corrupt file
             raise ValueError(f"corrupt quantization state {path}: {type(exc).__name__}: {exc}") from None
         self.quantizer.load_state_dict(state)
