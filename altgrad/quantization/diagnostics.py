@@ -11,7 +11,7 @@ import math
 import torch
 
 from altgrad.quantization.formats import FloatFormat, get_format
-from altgrad.quantization.quantize import _tiled_views, quantize
+from altgrad.quantization.quantize import quantize, scale_views
 
 __all__ = ["quantization_stats", "dynamic_range_used", "BitStallDetector"]
 
@@ -20,9 +20,7 @@ def _scaled(x: torch.Tensor, scale: torch.Tensor | float | None) -> torch.Tensor
     xf = x.detach().to(torch.float32)
     if scale is None:
         return xf
-    if not isinstance(scale, torch.Tensor):
-        scale = torch.tensor(float(scale), dtype=torch.float32, device=x.device)
-    x_view, s_view = _tiled_views(xf, scale.to(torch.float32))
+    x_view, s_view = scale_views(xf, scale)
     return (x_view * s_view).reshape(x.shape)
 
 

@@ -97,6 +97,17 @@ def _tiled_views(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, to
     return x_view, s_view
 
 
+def scale_views(x: torch.Tensor, scale: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check ``scale`` (a number or a float tensor on x's device that tiles x) and return the views
+    ``(x_view, scale_view)`` that broadcast against each other (scale as float32)."""
+    if not isinstance(scale, torch.Tensor):
+        scale = torch.tensor(float(scale), dtype=torch.float32, device=x.device)
+    _check_tensor(scale, "scale")
+    if scale.device != x.device:
+        raise ValueError(f"scale is on {scale.device} but x is on {x.device}")
+    return _tiled_views(x, scale.to(torch.float32))
+
+
 def _seeds(device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
     # Two 32-bit draws from torch's RNG: reproducible under torch.manual_seed or an explicit generator.
     gen_device = generator.device if generator is not None else torch.device("cpu")
@@ -111,12 +122,7 @@ def _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequant) -> tor
         raise ValueError(f"unknown rounding {rounding!r}; accepted: {list(ROUNDING_MODES)}")
     out_dtype = x.dtype
     if scale is not None:
-        if not isinstance(scale, torch.Tensor):
-            scale = torch.tensor(float(scale), dtype=torch.float32, device=x.device)
-        _check_tensor(scale, "scale")
-        if scale.device != x.device:
-            raise ValueError(f"scale is on {scale.device} but x is on {x.device}")
-        x_view, s_view = _tiled_views(x, scale.to(torch.float32))
+        x_view, s_view = scale_views(x, scale)
     else:
         x_view, s_view = x.reshape(-1), None
     seeds = _seeds(x.device, generator) if rounding == "stochastic" else None
@@ -149,8 +155,8 @@ class _QuantizeSTE(torch.autograd.Function):
         (scale,) = ctx.saved_tensors
         if not ctx.dequant and scale is not None:
             # d(x * scale)/dx = scale, broadcast over the tile each scale covers.
-            x_view, s_view = _tiled_views(grad, scale.to(grad.dtype))
-            grad = (x_view * s_view).reshape(grad.shape)
+            x_view, s_view = scale_views(grad, scale)
+            grad = (x_view * s_view.to(grad.dtype)).reshape(grad.shape)
         return grad, None, None, None, None, None, None
 
 
@@ -208,9 +214,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor | float | None = None) -> to
     _check_tensor(q, "q")
     if scale is None:
         return q
-    if not isinstance(scale, torch.Tensor):
-        scale = torch.tensor(float(scale), dtype=torch.float32, device=q.device)
-    q_view, s_view = _tiled_views(q, scale.to(torch.float32))
+    q_view, s_view = scale_views(q, scale)
     return (q_view.to(torch.float32) / s_view).reshape(q.shape).to(q.dtype)
 
 
