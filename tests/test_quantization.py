@@ -290,3 +290,16 @@ def test_cuda_matches_cpu(rounding):
         gpu = gpu.cpu()
         same = (gpu.view(torch.int32) == cpu.view(torch.int32)) | (torch.isnan(gpu) & torch.isnan(cpu))
         assert same.all(), name
+
+
+def test_fast_path_does_not_recompile_for_new_shapes_or_formats():
+    from torch._dynamo.utils import counters
+
+    quantize(torch.randn(100), "e4m3")
+    quantize(torch.randn(100), "e4m3", scale=torch.tensor(2.0))
+    graphs = counters["stats"]["unique_graphs"]
+    for shape in [(1000,), (1001,), (7, 33), (3, 5, 64), (12345,)]:
+        for fmt in ("e5m2", "e3m4", "e2m1", "bf16"):
+            quantize(torch.randn(shape), fmt)
+            quantize(torch.randn(shape), fmt, scale=torch.tensor(3.0))
+    assert counters["stats"]["unique_graphs"] == graphs
