@@ -81,12 +81,12 @@ def run(config_path: str, overrides: list[str]) -> int:
         cfg, training_args, data = setup(config_path, overrides)
         # Building the model and trainer applies the recipe (block sizes must divide the layer widths,
         # the module patterns must match) and checks the checkpoint to resume from: still setup.
-        trainer, model = build_trainer(cfg, training_args, data)
+        trainer = build_trainer(cfg, training_args, data)
         checkpoint = trainer.resolve_checkpoint(cfg.training.resume_from_checkpoint)
     except ValueError as e:
         # Only setup errors are the user's to fix in the config: one line, no traceback.
         raise SetupError(_one_line(e)) from None
-    return train(cfg, training_args, data, trainer, model, checkpoint)
+    return train(cfg, training_args, data, trainer, checkpoint)
 
 
 def setup(config_path: str, overrides: list[str]):
@@ -152,12 +152,11 @@ def build_trainer(cfg, training_args, data):
     )
     if "wandb" in (training_args.report_to or []):
         trainer.add_callback(_WandbFullConfig(cfg.to_dict()))
-    return trainer, model
+    return trainer
 
 
-def train(cfg, training_args, data, trainer, model, checkpoint) -> int:
+def train(cfg, training_args, data, trainer, checkpoint) -> int:
     """Train -> final evaluate -> save model, tokenizer, model card."""
-    from altgrad.modeling import write_model_card
     from altgrad.training.trainer import perplexity
 
     t = cfg.training
@@ -169,18 +168,15 @@ def train(cfg, training_args, data, trainer, model, checkpoint) -> int:
         val_loss = metrics.get("eval_loss", float("nan"))
         print(f"final val_loss={val_loss:.4f} perplexity={perplexity(val_loss):.2f}", flush=True)
 
+    # The card records the whole experiment; set before save_model, which pushes (with this card) when
+    # training.push_to_hub is on.
+    resolved = cfg.to_dict()
+    trainer.model_card_training_config = {**resolved["training"], "data": resolved["data"], "final_eval": metrics}
     # save_model writes the weights + config (+ the tokenizer, as processing_class) on the main process.
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         data.tokenizer.save_pretrained(training_args.output_dir)
-        resolved = cfg.to_dict()
-        write_model_card(
-            training_args.output_dir,
-            model.config,
-            training_config={**resolved["training"], "data": resolved["data"], "final_eval": metrics},
-            quant_recipe=resolved["quantization"]["recipe"],
-            tags=list(t.tags) or None,
-        )
+        trainer.create_model_card(tags=list(t.tags) or None)
         print(f"saved model, tokenizer and model card to {training_args.output_dir}", flush=True)
     return 0
 

@@ -210,6 +210,8 @@ def test_single_process_run_trains_and_saves(single_run):
         assert (single_run / name).is_file(), name
     resolved = yaml.safe_load((single_run / CONFIG_FILENAME).read_text())
     assert resolved["quantization"]["recipe"]["name"] == "e5m2" and resolved["model"]["n_layer"] == 2
+    card = (single_run / "README.md").read_text()  # the card push_to_hub would push
+    assert "E5M2" in card and "n_layer" in card and "learning_rate" in card
 
     import altgrad.modeling  # noqa: F401  (registers altgrad_gpt with the Auto classes)
     import torch

@@ -176,7 +176,9 @@ class AltGradTrainer(Trainer):
             if self.args.should_save:
                 shutil.rmtree(tmp, ignore_errors=True)
                 os.makedirs(tmp, exist_ok=True)
-            self._save(tmp) if self.args.should_save else None
+            self.accelerator.wait_for_everyone()  # the folder exists before any rank writes into it
+            if self.args.should_save:
+                self._save(tmp)
             self._save_optimizer_and_scheduler(tmp)
             self._save_rng_state(tmp)
             if self.args.should_save:
@@ -590,5 +592,23 @@ class AltGradTrainer(Trainer):
                     f"{self.recipe.name!r}; resume with the same quantization recipe"
                 )
 
-    def recipe_json(self) -> str:
-        return json.dumps(self.recipe.to_dict(), indent=2)
+    def create_model_card(self, model_name: str | None = None, tags=None, **kwargs) -> None:
+        """altgrad's model card (architecture, training config, quantization recipe) instead of the
+        Trainer's generic one; `push_to_hub` calls this, so the pushed card records the recipe.
+
+        ``self.model_card_training_config`` (a dict, e.g. the resolved experiment config) is recorded when
+        set, otherwise the `TrainingArguments`.
+        """
+        if not self.is_world_process_zero():
+            return
+        from altgrad.modeling import write_model_card
+
+        training_config = getattr(self, "model_card_training_config", None) or self.args.to_sanitized_dict()
+        write_model_card(
+            self.args.output_dir,
+            self.accelerator.unwrap_model(self.model).config,
+            training_config=training_config,
+            quant_recipe=self.recipe.to_dict(),
+            model_name=model_name,
+            tags=[tags] if isinstance(tags, str) else tags,
+        )
