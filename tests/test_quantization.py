@@ -303,3 +303,18 @@ def test_fast_path_does_not_recompile_for_new_shapes_or_formats():
             quantize(torch.randn(shape), fmt)
             quantize(torch.randn(shape), fmt, scale=torch.tensor(3.0))
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_quantize_with_amax_is_quantize_plus_the_fused_amax():
+    from altgrad.quantization import quantize_with_amax
+
+    x = torch.randn(4096) * 30
+    s = torch.tensor(2.0)
+    q, a = quantize_with_amax(x, "e4m3", s)
+    assert torch.equal(q, quantize(x, "e4m3", s)) and a.item() == x.abs().max().item()
+    fq, _ = quantize_with_amax(x, "e4m3", s, dequantize=True)
+    assert torch.equal(fq, fake_quantize(x, "e4m3", s))
+    x[7] = float("nan")
+    assert torch.isnan(quantize_with_amax(x, "e4m3", s)[1])  # a NaN tensor shows up in the amax
+    empty_q, empty_a = quantize_with_amax(torch.empty(0), "e4m3")
+    assert empty_q.shape == (0,) and empty_a.item() == 0.0

@@ -133,14 +133,17 @@ def round_to_format(
     saturate: bool,
     dequantize: bool,
     exact_subnormal_exponent: bool = False,
-) -> torch.Tensor:
+    return_amax: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Round ``x * scale`` onto the grid described by ``params``; return float32 (divided back by
     ``scale`` when ``dequantize``). ``scale`` must broadcast against ``x``.
 
     This is the whole quantizer; the public API in :mod:`altgrad.quantization.quantize` only validates,
-    reshapes and dispatches here (eagerly or compiled).
+    reshapes and dispatches here (eagerly or compiled). With ``return_amax`` it also returns ``max |x|``
+    (before scaling, NaN-propagating), computed in the same compiled kernel, for delayed scaling.
     """
     xf = x.to(torch.float32)
+    amax_out = xf.abs().amax() if return_amax else None
     if scale is not None:
         xf = xf * scale
     man_bits = params[P_MAN_BITS]
@@ -199,7 +202,7 @@ def round_to_format(
     q = r.view(torch.float32)
     if dequantize and scale is not None:
         q = q / scale
-    return q
+    return (q, amax_out) if return_amax else q
 
 
 # ---------------------------------------------------------------------------- dispatch

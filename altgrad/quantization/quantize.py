@@ -25,7 +25,7 @@ import torch
 from altgrad.quantization.formats import FloatFormat, get_format
 from altgrad.quantization.kernels import ROUNDING_MODES, format_params, needs_exact_subnormal_exponent, run_kernel
 
-__all__ = ["quantize", "dequantize", "fake_quantize", "block_shape_of"]
+__all__ = ["quantize", "dequantize", "fake_quantize", "quantize_with_amax", "block_shape_of", "scale_views"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -115,7 +115,7 @@ def _seeds(device: torch.device, generator: torch.Generator | None) -> torch.Ten
     return seeds.to(device, non_blocking=True)
 
 
-def _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequant) -> torch.Tensor:
+def _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequant, return_amax=False):
     _check_tensor(x)
     fmt = get_format(fmt)
     if rounding not in ROUNDING_MODES:
@@ -128,7 +128,7 @@ def _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequant) -> tor
     seeds = _seeds(x.device, generator) if rounding == "stochastic" else None
     # detach(): the kernel never needs autograd history, and a plain tensor (not a view with a `_base`)
     # keeps torch.compile's guards on shapes only.
-    q = run_kernel(
+    out = run_kernel(
         x_view.detach(),
         None if s_view is None else s_view.detach(),
         _params_on(fmt, x.device),
@@ -137,8 +137,35 @@ def _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequant) -> tor
         bool(saturate),
         dequant,
         needs_exact_subnormal_exponent(fmt),
+        return_amax,
     )
-    return q.reshape(x.shape).to(out_dtype)
+    if return_amax:  # callers guarantee a non-empty x (amax of nothing is undefined)
+        q, x_amax = out
+        return q.reshape(x.shape).to(out_dtype), x_amax
+    return out.reshape(x.shape).to(out_dtype)
+
+
+def quantize_with_amax(
+    x: torch.Tensor,
+    fmt: FloatFormat | str,
+    scale: torch.Tensor | float | None = None,
+    rounding: str = "nearest",
+    saturate: bool = True,
+    generator: torch.Generator | None = None,
+    dequantize: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize` (or :func:`fake_quantize` with ``dequantize=True``) that also returns
+    ``max |x|`` from the same fused pass: what delayed scaling records after using a known scale.
+    No gradient (used inside autograd functions).
+
+    Example:
+        >>> q, a = quantize_with_amax(torch.tensor([0.3, -5.0]), "e4m3", scale=torch.tensor(2.0))
+        >>> q.tolist(), a.item()
+        ([0.625, -10.0], 5.0)
+    """
+    if x.numel() == 0:
+        return _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequantize), torch.zeros((), device=x.device)
+    return _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequantize, return_amax=True)
 
 
 class _QuantizeSTE(torch.autograd.Function):

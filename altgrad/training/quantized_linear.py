@@ -39,6 +39,7 @@ from altgrad.quantization import (
     mx_scale,
     quantization_stats,
     quantize,
+    quantize_with_amax,
 )
 from altgrad.training.native_fp8 import NativeFP8LinearFunction, native_fp8_unsupported_reason
 from altgrad.training.recipe import TENSOR_ROLES, QuantRecipe, TensorQuantSpec
@@ -100,29 +101,24 @@ class TensorQuantizer:
         return compute_scale(amax_value, spec.format, margin=spec.margin, power_of_two=spec.power_of_two)
 
     def _delayed_scale(self, x: torch.Tensor, record: bool) -> torch.Tensor:
-        history = self.history
-        if not self._stepped:
+        if record and not self._stepped:
             # No step boundaries announced: every training call is a step of its own.
+            self.begin_step()
+            self._stepped = False
+        if self._step_scale is not None:
+            return self._step_scale
+        if len(self.history):
+            source = self.history.get_amax(self.spec.amax_algo)
+        elif self._step_amax is not None:
+            source = self._step_amax
+        else:  # the very first step has no history: its own (first micro-batch's) amax
+            source = amax(x, self.granularity)
             if record:
-                self.begin_step()
-                self._stepped = False
-                current = amax(x, self.granularity)
-                scale = self._scale_from_amax(history.get_amax(self.spec.amax_algo) if len(history) else current)
-                self._step_amax = current
-                return scale
-            return self._scale_from_amax(history.get_amax(self.spec.amax_algo) if len(history) else amax(x))
-        if record:
-            current = amax(x, self.granularity)
-            self._step_amax = current if self._step_amax is None else torch.maximum(self._step_amax, current)
-        if self._step_scale is None:
-            if len(history):
-                source = history.get_amax(self.spec.amax_algo)
-            else:  # the very first step has no history: its own (first micro-batch's) amax
-                source = self._step_amax if self._step_amax is not None else amax(x, self.granularity)
-            if not record:
-                return self._scale_from_amax(source)  # evaluation before any training step: don't freeze
-            self._step_scale = self._scale_from_amax(source)
-        return self._step_scale
+                self._step_amax = source
+        scale = self._scale_from_amax(source)
+        if record:  # frozen for the rest of the step; evaluation before any step freezes nothing
+            self._step_scale = scale
+        return scale
 
     def scale_for(self, x: torch.Tensor, record: bool = True) -> torch.Tensor | None:
         """The multiplier for ``x``; ``record=False`` (evaluation) leaves the scaling state untouched."""
@@ -138,23 +134,34 @@ class TensorQuantizer:
         return scale
 
     # ------------------------------------------------------------------ quantize
-    def quantize(self, x: torch.Tensor, record: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(q, scale)``: ``x * scale`` on the format's grid; statistics recorded when collecting."""
+    def _round(self, x: torch.Tensor, record: bool, dequant: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         spec = self.spec
         scale = self.scale_for(x, record)
-        q = quantize(x, spec.format, scale, rounding=spec.rounding, saturate=spec.saturate)
+        if record and self.history is not None and x.numel():
+            # Delayed scaling knows its scale before the pass, so this step's amax comes out of the
+            # same fused kernel that rounds x (no extra reduction over x).
+            q, current = quantize_with_amax(
+                x, spec.format, scale, rounding=spec.rounding, saturate=spec.saturate, dequantize=dequant
+            )
+            self._step_amax = current if self._step_amax is None else torch.maximum(self._step_amax, current)
+        else:
+            fn = fake_quantize if dequant else quantize
+            q = fn(x, spec.format, scale, rounding=spec.rounding, saturate=spec.saturate)
+        return q, scale
+
+    def quantize(self, x: torch.Tensor, record: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(q, scale)``: ``x * scale`` on the format's grid; statistics recorded when collecting."""
+        q, scale = self._round(x, record, dequant=False)
         if record and self.collect_stats:
-            self._accumulate(quantization_stats(x, spec.format, scale, q=q), scale)
+            self._accumulate(quantization_stats(x, self.spec.format, scale, q=q), scale)
         return q, scale
 
     def __call__(self, x: torch.Tensor, record: bool = True) -> torch.Tensor:
         """Fake-quantize ``x`` (quantize, then divide the scale back out) in one fused pass."""
-        spec = self.spec
         if record and self.collect_stats:
             q, scale = self.quantize(x, record)
             return dequantize(q, scale)
-        scale = self.scale_for(x, record)
-        return fake_quantize(x, spec.format, scale, rounding=spec.rounding, saturate=spec.saturate)
+        return self._round(x, record, dequant=True)[0]
 
     def _accumulate(self, stats: dict[str, torch.Tensor], scale: torch.Tensor | None) -> None:
         stats = dict(stats)
