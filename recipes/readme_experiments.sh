@@ -18,4 +18,4 @@ for recipe in bf16 fp8_hybrid e5m2 e3m4; do
     grep "final val_loss" "$dir.log"
   done
 done
-python recipes/compare.py "$out"/*-seed* --baseline "$out/bf16-seed1337" --out "$out/report"
+python recipes/compare.py "$out"/*-seed*/ --baseline "$out/bf16-seed1337" --out "$out/report"
