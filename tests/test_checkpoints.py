@@ -96,6 +96,7 @@ def test_wandb_offline_run_holds_metrics_and_alerts_and_resume_continues_it(tmp_
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.delenv("WANDB_RUN_ID", raising=False)
     monkeypatch.delenv("WANDB_RESUME", raising=False)
+    wandb.teardown()  # wandb caches its settings (WANDB_DIR included) per process: start from this env
     # an overflow threshold of 0 fires on the first logging step: an alert we can look for
     monitoring = MonitoringConfig.from_dict({"overflow_threshold": 0.0, "underflow_threshold": 0.0})
     first = _trainer(tmp_path / "run", max_steps=4, report_to=["wandb"], monitoring=monitoring)
@@ -117,3 +118,4 @@ def test_wandb_offline_run_holds_metrics_and_alerts_and_resume_continues_it(tmp_
     assert len(runs) == 2
     ids = {read_offline_run(r).run_id for r in runs}
     assert len(ids) == 1, f"resumed run should continue the same W&B run, got {ids}"
+    wandb.teardown()

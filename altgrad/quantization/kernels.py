@@ -27,6 +27,7 @@ import functools
 import logging
 import os
 import threading
+import types
 
 import torch
 
@@ -212,10 +213,18 @@ _compile_failed: set[str] = set()
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_kernel(device_type: str):
-    # dynamic=True: one graph serves every tensor size (no recompilation per shape). Format parameters
-    # are tensors, so one graph also serves every format.
-    return torch.compile(round_to_format, dynamic=True, fullgraph=True)
+def _compiled_kernel(device_type: str, variant: tuple = ()):
+    """The compiled kernel for one static variant (rounding, flags, input dtype).
+
+    dynamic=True: one graph serves every tensor size, and format parameters are tensors, so one graph
+    serves every format. Each variant gets a code object of its own (`code.replace`), because dynamo
+    keeps its compiled graphs -- and its limit of 8 recompilations -- per code object: sharing one
+    across all variants would hit the limit in any process that uses many of them.
+    """
+    name = "round_to_format_" + "_".join(str(v).replace(".", "_") for v in variant) if variant else "round_to_format"
+    code = round_to_format.__code__.replace(co_name=name)
+    fn = types.FunctionType(code, round_to_format.__globals__, name, round_to_format.__defaults__)
+    return torch.compile(fn, dynamic=True, fullgraph=True)
 
 
 def compile_enabled(device_type: str) -> bool:
@@ -239,8 +248,12 @@ def run_kernel(*args, use_compile: bool | None = None) -> torch.Tensor:
         use_compile = compile_enabled(device_type) and not torch.compiler.is_compiling()
     if not use_compile:
         return round_to_format(*args)
+    variant = (x.dtype, *args[4:])  # rounding, saturate, dequantize, exact exponent, return_amax
     try:
-        return _compiled_kernel(device_type)(*args)
+        return _compiled_kernel(device_type, variant)(*args)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        # An unusual mix of shapes for one variant: this call runs eagerly, compilation stays on.
+        return round_to_format(*args)
     except Exception as exc:  # noqa: BLE001 - any backend failure falls back to the identical eager code
         with _compile_lock:
             if device_type not in _compile_failed:
