@@ -230,6 +230,16 @@ def test_saved_quantized_model_is_a_plain_model(tmp_path):
     assert torch.equal(loaded(ids).logits, plain(ids).logits)
 
 
+def test_remove_restores_plain_linears_with_the_same_parameters():
+    model = tiny_gpt()
+    weight = model.transformer.h[0].mlp.c_fc.weight
+    q = quantize_model(model, "fp8_hybrid")
+    q.remove()
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    assert model.transformer.h[0].mlp.c_fc.weight is weight
+    assert torch.equal(model(**batch()).logits, tiny_gpt()(**batch()).logits)
+
+
 def test_quantized_model_runs_under_torch_compile():
     model = tiny_gpt()
     quantize_model(model, "fp8_hybrid")

@@ -46,10 +46,9 @@ from altgrad.training.recipe import TENSOR_ROLES, QuantRecipe, TensorQuantSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TensorQuantizer", "QuantLinear", "ModelQuantizer", "quantize_model", "STAT_NAMES"]
+__all__ = ["TensorQuantizer", "QuantLinear", "ModelQuantizer", "quantize_model"]
 
 SQNR_CAP_DB = 200.0  # reported for tensors the format carries exactly
-STAT_NAMES = ("overflow_rate", "underflow_rate", "sqnr_db", "dynamic_range_used", "amax", "scale")
 
 
 class TensorQuantizer:
