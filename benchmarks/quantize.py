@@ -15,7 +15,16 @@ import time
 import numpy as np
 import torch
 
-from altgrad.quantization import Granularity, amax, compute_scale, fake_quantize, quantize
+from altgrad.quantization import (
+    Granularity,
+    amax,
+    compute_scale,
+    fake_quantize,
+    quantization_stats,
+    quantize,
+    quantize_with_amax,
+    quantize_with_stats,
+)
 from altgrad.quantization.kernels import format_params, round_to_format
 
 
@@ -48,6 +57,13 @@ def main() -> None:
     row_scale = compute_scale(amax(x2d, Granularity.per_row()), "e4m3")
     params = torch.tensor(format_params(__import__("altgrad").quantization.get_format("e4m3")), dtype=torch.int32, device=dev)
 
+    scale1 = torch.tensor(2.0, device=dev)
+
+    def _separate_stats(t, s):  # what a monitor without the fused pass does: round, then reduce again
+        q = quantize(t, "e4m3", s)
+        stats = quantization_stats(t, "e4m3", s, q=q)
+        return q, {k: v for k, v in stats.items() if k != "dynamic_range_used"}
+
     cases = {
         "x.clone()  [baseline]": lambda: x.clone(),
         "quantize e4m3 nearest": lambda: quantize(x, "e4m3"),
@@ -58,6 +74,9 @@ def main() -> None:
         "fake_quantize e2m1 MX 1x32 blocks": lambda: fake_quantize(
             x2d, "e2m1", compute_scale(amax(x2d, Granularity.per_block(32)), "e2m1", power_of_two=True)
         ),
+        "fused amax: quantize_with_amax e4m3": lambda: quantize_with_amax(x, "e4m3", scale1),
+        "fused stats: quantize_with_stats e4m3": lambda: quantize_with_stats(x, "e4m3", scale1),
+        "separate: quantize + stats recount": lambda: _separate_stats(x, scale1),
         "torch x.to(float8_e4m3fn).float()": lambda: x.to(torch.float8_e4m3fn).float(),
     }
     if dev == "cpu":

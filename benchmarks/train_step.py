@@ -1,5 +1,9 @@
 """Step time of one GPT with no recipe, `fp8_hybrid`, `e5m2`, and with the FP32 shadow, as ratios in one run.
 
+A "logging step" is an `fp8_hybrid` step that also collects every quantizer's statistics (overflow,
+underflow, SQNR, amax, dynamic range) and reads them to the host, as the trainer does once per
+`logging_steps`.
+
     python benchmarks/train_step.py [--device cpu|cuda] [--n-layer 4 --n-embd 128 --block 64 --batch 12]
 
 The shadow's cost is reported against one extra forward/backward of the plain model (its floor).
@@ -35,7 +39,8 @@ def main() -> None:
         torch.manual_seed(0)
         model = GPT(cfg).to(dev)
         if recipe:
-            quantize_model(model, recipe)
+            quantizer = quantize_model(model, recipe)
+            model.quantizer = quantizer  # the benchmark's handle; the trainer keeps its own
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         return model, opt
 
@@ -53,8 +58,10 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         return float(np.median(times))
 
-    def train_step(model, opt, shadow=None):
+    def train_step(model, opt, shadow=None, logged=False):
         def fn():
+            if logged:  # a logging step: statistics reduced in the rounding passes, then read once
+                model.quantizer.set_collect_stats(True)
             if shadow is not None:
                 shadow.sync_from(model)
             loss = model(input_ids=ids, labels=ids).loss
@@ -64,6 +71,9 @@ def main() -> None:
                 shadow.compare(model)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if logged:
+                stats = model.quantizer.pop_stats()
+                torch.stack(list(stats.values())).cpu()  # the one host sync a logging step pays
         return fn
 
     base_model, base_opt = make(None)
@@ -76,6 +86,7 @@ def main() -> None:
     fb = timed(fwd_bwd)
     for recipe in ("fp8_hybrid", "e5m2"):
         results[f"{recipe} (simulated)"] = timed(train_step(*make(recipe)))
+    results["fp8_hybrid, logging step"] = timed(train_step(*make("fp8_hybrid"), logged=True))
     m, o = make(None)
     results["no recipe + FP32 shadow"] = timed(train_step(m, o, FP32ShadowModel(m)))
     m, o = make("fp8_hybrid")

@@ -18,6 +18,7 @@ from altgrad.quantization import (
     amax,
     compute_scale,
     dequantize,
+    dynamic_range_used,
     fake_quantize,
     get_format,
     mx_scale,
@@ -318,3 +319,98 @@ def test_quantize_with_amax_is_quantize_plus_the_fused_amax():
     assert torch.isnan(quantize_with_amax(x, "e4m3", s)[1])  # a NaN tensor shows up in the amax
     empty_q, empty_a = quantize_with_amax(torch.empty(0), "e4m3")
     assert empty_q.shape == (0,) and empty_a.item() == 0.0
+
+
+def _hard_tensor(n: int = 8192, seed: int = 0) -> torch.Tensor:
+    """Values over ~60 binades plus zeros, signed zeros, float32 subnormals, infinities and a NaN."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * torch.exp2(torch.randint(-40, 20, (n,), generator=g).float())
+    x[:8] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40, -3e-42, 448.0, 465.0])
+    return x
+
+
+def _independent_stats(x: torch.Tensor, q: torch.Tensor, fmt: str, scale) -> dict[str, float]:
+    """The statistics recomputed in numpy float64 from x * scale and a q already checked against oracles."""
+    xs = (x * (1.0 if scale is None else scale)).numpy().astype(np.float64)  # the float32 product, widened
+    qn = q.numpy().astype(np.float64)
+    finite = np.isfinite(xs)
+    with np.errstate(invalid="ignore", over="ignore"):
+        signal = np.square(np.where(finite, xs, 0.0)).sum()
+        noise = np.square(np.where(finite & np.isfinite(qn), xs - qn, 0.0)).sum()
+    return {
+        "overflow_rate": float((np.abs(xs) > get_format(fmt).max_value).sum() / xs.size),
+        "underflow_rate": float(((xs != 0) & (qn == 0)).sum() / xs.size),
+        "sqnr_db": float(10 * np.log10(signal / noise)) if noise > 0 else math.inf,
+        "amax": float(np.abs(x.numpy()).max()),
+    }
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2", "e2m1", "e3m4", "e6m1"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("scaling", ["none", "tensor", "row"])
+def test_fused_statistics_match_an_independent_count(fmt, rounding, scaling):
+    from altgrad.quantization import quantize_with_stats
+
+    x = _hard_tensor().view(64, 128)
+    scale = {
+        "none": None,
+        "tensor": torch.tensor(0.125),
+        "row": torch.exp2(torch.arange(64, dtype=torch.float32).view(64, 1) % 7 - 3),
+    }[scaling]
+    q, stats = quantize_with_stats(x, fmt, scale, rounding=rounding, generator=torch.Generator().manual_seed(3))
+    plain = quantize(x, fmt, scale, rounding=rounding, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(q.view(torch.int32), plain.view(torch.int32))  # the statistics change nothing
+    ref = _independent_stats(x, q, fmt, scale)
+    assert stats["overflow_rate"].item() == pytest.approx(ref["overflow_rate"], abs=1e-7)
+    assert stats["underflow_rate"].item() == pytest.approx(ref["underflow_rate"], abs=1e-7)
+    assert stats["underflow_rate"].item() > 0 and stats["overflow_rate"].item() > 0  # both paths exercised
+    assert stats["sqnr_db"].item() == pytest.approx(ref["sqnr_db"], rel=1e-5)
+    assert stats["amax"].item() == ref["amax"] == math.inf
+    fq, fq_stats = quantize_with_stats(x, fmt, scale, rounding=rounding, generator=torch.Generator().manual_seed(3), dequantize=True)
+    assert torch.equal(fq, fake_quantize(x, fmt, scale, rounding=rounding, generator=torch.Generator().manual_seed(3)))
+    assert fq_stats["sqnr_db"].item() == stats["sqnr_db"].item()  # measured in the format's units either way
+
+
+def test_fused_statistics_compiled_equal_eager_and_handle_nan_and_empty():
+    from altgrad.quantization import quantize_with_stats
+    from altgrad.quantization.kernels import round_to_format, run_kernel
+    from altgrad.quantization.quantize import _params_on
+
+    x = _hard_tensor(seed=1)[8:]  # finite: the amax is a number
+    args = (x, torch.tensor(4.0), _params_on(get_format("e5m2"), x.device), None, "nearest", True, False, False, "full")
+    q_eager, sums_eager = round_to_format(*args)
+    q_fused, sums_fused = run_kernel(*args, use_compile=True)
+    assert torch.equal(q_eager.view(torch.int32), q_fused.view(torch.int32))
+    assert torch.equal(sums_eager[:3], sums_fused[:3])  # amax and the two counts exactly
+    torch.testing.assert_close(sums_eager[3:], sums_fused[3:], rtol=1e-12, atol=0)  # float64 sums, any order
+
+    exact_q, exact = quantize_with_stats(torch.tensor([1.0, -2.0, 0.5, 0.0]), "e4m3")
+    assert math.isinf(exact["sqnr_db"].item()) and exact["overflow_rate"].item() == 0.0
+    with_nan = torch.tensor([1.0, float("nan"), 3.3])
+    _, nan_stats = quantize_with_stats(with_nan, "e4m3")
+    assert math.isnan(nan_stats["amax"].item())  # a NaN shows in the amax, as delayed scaling expects
+    assert nan_stats["overflow_rate"].item() == 0.0 and nan_stats["underflow_rate"].item() == 0.0
+    assert math.isfinite(nan_stats["sqnr_db"].item())  # NaN lanes carry no signal and no noise
+    empty_q, empty = quantize_with_stats(torch.empty(0, 4), "e4m3")
+    assert empty_q.shape == (0, 4) and {k: v.item() for k, v in empty.items()}["overflow_rate"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    ["e4m3", "e5m2", "e2m1", "e8m0", FloatFormat("E8M3_SUB", exp_bits=8, man_bits=3, special="ieee")],
+    ids=lambda f: f if isinstance(f, str) else f.name,
+)
+def test_dynamic_range_used_matches_numpy_binades(fmt):
+    # E8M0 and the E8M3 format hold values below 2**-126: float32 subnormals, whose binade is not in
+    # the exponent field.
+    fmt = get_format(fmt)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(20_000, generator=g) * torch.exp2(torch.randint(-150, 120, (20_000,), generator=g).float())
+    x = torch.cat([x, torch.tensor([0.0, float("inf"), float("nan")])])
+    q = quantize(x, fmt).numpy().astype(np.float64)
+    finite_nonzero = np.isfinite(q) & (q != 0)
+    lowest = math.floor(math.log2(fmt.min_subnormal))
+    binades = np.clip(np.floor(np.log2(np.abs(q[finite_nonzero]))) - lowest, 0, fmt.num_binades - 1)
+    expected = len(np.unique(binades)) / fmt.num_binades
+    assert dynamic_range_used(quantize(x, fmt), fmt).item() == pytest.approx(expected)
+    assert 0 < expected < 1 or fmt.name in ("E4M3", "E5M2", "E2M1")

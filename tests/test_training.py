@@ -179,6 +179,45 @@ def test_amax_statistic_is_a_max_over_calls():
     assert q.pop_stats()["0/activation/amax"].item() == 100.0
 
 
+def test_logged_step_statistics_come_from_the_rounding_pass_and_match_a_recount():
+    from altgrad.quantization import quantization_stats, quantize
+
+    spec = TensorQuantSpec("E4M3", scaling="current", rounding="stochastic")
+    net = nn.Sequential(nn.Linear(64, 8))
+    q = quantize_model(net, QuantRecipe(activation=spec), modules=["0"])
+    act = q.layers[0][1].quantizers["activation"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 64, generator=g) * torch.exp2(torch.randint(-18, 12, (16, 64), generator=g).float())
+    torch.manual_seed(5)
+    plain = net(x)  # not collecting: no statistics
+    assert q.pop_stats() == {}
+    q.set_collect_stats(True)
+    torch.manual_seed(5)
+    logged = net(x)
+    assert torch.equal(plain, logged)  # collecting changes no value (same stochastic bits)
+    stats = q.pop_stats()
+    torch.manual_seed(5)
+    recount = quantization_stats(x, "E4M3", act.last_scale, q=quantize(x, "E4M3", act.last_scale, rounding="stochastic"))
+    for key, value in recount.items():
+        assert stats[f"0/activation/{key}"].item() == pytest.approx(value.item(), rel=1e-6), key
+    assert stats["0/activation/underflow_rate"].item() > 0.1  # 30 binades of data in E4M3's 17
+
+
+def test_statistics_pool_the_calls_of_a_logged_step():
+    net = nn.Sequential(nn.Linear(4, 4))
+    q = quantize_model(net, QuantRecipe(activation=TensorQuantSpec("E4M3", scaling="none")), modules=["0"])
+    q.set_collect_stats(True)
+    x1, x2 = torch.tensor([[1000.0, 1.0, 1e-9, 0.3]]), torch.tensor([[1.0, 2.0, 0.5, 0.25]])
+    net(x1)
+    net(x2)
+    stats = {k.split("/")[-1]: v.item() for k, v in q.pop_stats().items()}
+    assert stats["overflow_rate"] == 1 / 8 and stats["underflow_rate"] == 1 / 8 and stats["amax"] == 1000.0
+    noise = (1000.0 - 448.0) ** 2 + 1e-18 + (0.3 - 0.3125) ** 2  # x2 is exact in E4M3
+    signal = float((x1.double() ** 2).sum() + (x2.double() ** 2).sum())
+    assert stats["sqnr_db"] == pytest.approx(10 * math.log10(signal / noise), rel=1e-6)
+    assert stats["scale"] == 1.0 and q.pop_stats() == {}  # popping resets
+
+
 def test_gradient_checkpointing_sees_the_same_frozen_scales():
     grads = []
     for checkpointing in (False, True):

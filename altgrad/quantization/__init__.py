@@ -10,7 +10,14 @@ Example:
 from altgrad.quantization.diagnostics import BitStallDetector, dynamic_range_used, quantization_stats
 from altgrad.quantization.formats import FORMAT_REGISTRY, FloatFormat, Special, get_format, register_format
 from altgrad.quantization.kernels import ROUNDING_MODES
-from altgrad.quantization.quantize import block_shape_of, dequantize, fake_quantize, quantize, quantize_with_amax
+from altgrad.quantization.quantize import (
+    block_shape_of,
+    dequantize,
+    fake_quantize,
+    quantize,
+    quantize_with_amax,
+    quantize_with_stats,
+)
 from altgrad.quantization.scaling import AmaxHistory, Granularity, amax, compute_scale, mx_scale, scaled_quantize
 
 __all__ = [
@@ -24,6 +31,7 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "quantize_with_amax",
+    "quantize_with_stats",
     "block_shape_of",
     "Granularity",
     "amax",

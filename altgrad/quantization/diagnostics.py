@@ -11,7 +11,8 @@ import math
 import torch
 
 from altgrad.quantization.formats import FloatFormat, get_format
-from altgrad.quantization.quantize import quantize, scale_views
+from altgrad.quantization.kernels import binade_histogram, run_compiled
+from altgrad.quantization.quantize import quantize, quantize_with_stats, scale_views, stats_from_sums
 
 __all__ = ["quantization_stats", "dynamic_range_used", "BitStallDetector"]
 
@@ -33,13 +34,10 @@ def dynamic_range_used(q: torch.Tensor, fmt: FloatFormat | str) -> torch.Tensor:
         tensor(0.5000)
     """
     fmt = get_format(fmt)
-    q = q.detach().to(torch.float32).abs()
-    nonzero = (q > 0) & torch.isfinite(q)
+    if q.numel() == 0:
+        return torch.zeros((), device=q.device)
     lowest = int(math.floor(math.log2(fmt.min_subnormal)))
-    binade = torch.floor(torch.log2(torch.where(nonzero, q, torch.ones_like(q)))) - lowest
-    binade = binade.clamp(0, fmt.num_binades - 1).to(torch.int64)
-    hist = torch.zeros(fmt.num_binades, dtype=torch.float32, device=q.device)
-    hist.scatter_add_(0, binade.reshape(-1), nonzero.reshape(-1).to(torch.float32))
+    hist = run_compiled(binade_histogram, q.detach(), lowest, fmt.num_binades, variant=(q.dtype,))
     return (hist > 0).sum().to(torch.float32) / fmt.num_binades
 
 
@@ -57,7 +55,9 @@ def quantization_stats(
     - ``dynamic_range_used``: see :func:`dynamic_range_used`.
     - ``amax``: ``max |x|`` (unscaled), for scale bookkeeping.
 
-    ``q`` may pass the already-quantized ``x * scale`` (nearest, saturating) to skip re-quantizing.
+    Without ``q``, ``x`` is quantized (nearest, saturating) by :func:`quantize_with_stats`, which
+    reduces everything but the binade histogram in the rounding pass itself. ``q`` may pass an
+    already-quantized ``x * scale`` (any rounding) to measure that instead.
 
     Example:
         >>> s = quantization_stats(torch.tensor([1e-6, 1.0, 1000.0, 0.0]), "e4m3")
@@ -65,25 +65,29 @@ def quantization_stats(
         (0.25, 0.25)
     """
     fmt = get_format(fmt)
-    xs = _scaled(x, scale)
-    if q is None:
-        q = quantize(xs, fmt)
-    q = q.detach().to(torch.float32)
-    n = max(xs.numel(), 1)
-    finite = torch.isfinite(xs)
-    overflow = (xs.abs() > fmt.max_value).sum() / n
-    underflow = ((xs != 0) & (q == 0)).sum() / n
-    signal = torch.where(finite, xs, torch.zeros_like(xs)).double().square().sum()
-    noise = torch.where(finite & torch.isfinite(q), xs - q, torch.zeros_like(xs)).double().square().sum()
-    sqnr = torch.where(
-        noise > 0, 10.0 * torch.log10(signal / noise.clamp_min(1e-300)), torch.full_like(noise, math.inf)
-    ).to(torch.float32)
+    if q is None:  # one fused pass: rounding and every reduction but the binade histogram
+        q, stats = quantize_with_stats(x.detach(), fmt, scale)
+        q = q.to(torch.float32)
+    else:
+        xs = _scaled(x, scale)
+        q = q.detach().to(torch.float32)
+        finite = torch.isfinite(xs)
+        sums = torch.stack(
+            [
+                x.detach().abs().amax().double() if x.numel() else torch.zeros((), dtype=torch.float64, device=x.device),
+                (xs.abs() > fmt.max_value).sum().double(),
+                ((xs != 0) & (q == 0)).sum().double(),
+                torch.where(finite, xs, 0.0).double().square().sum(),
+                torch.where(finite & torch.isfinite(q), xs.double() - q.double(), 0.0).square().sum(),
+            ]
+        )
+        stats = stats_from_sums(sums, xs.numel())
     return {
-        "overflow_rate": overflow.to(torch.float32),
-        "underflow_rate": underflow.to(torch.float32),
-        "sqnr_db": sqnr,
+        "overflow_rate": stats["overflow_rate"],
+        "underflow_rate": stats["underflow_rate"],
+        "sqnr_db": stats["sqnr_db"],
         "dynamic_range_used": dynamic_range_used(q, fmt),
-        "amax": x.detach().abs().amax().to(torch.float32) if x.numel() else torch.zeros((), device=x.device),
+        "amax": stats["amax"],
     }
 
 

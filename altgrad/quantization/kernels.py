@@ -36,6 +36,9 @@ from altgrad.quantization.formats import FloatFormat, Special
 logger = logging.getLogger(__name__)
 
 ROUNDING_MODES = ("nearest", "stochastic", "zero")
+STATS_LEVELS = ("none", "amax", "full")
+# Layout of the float64 vector that ``stats="full"`` returns.
+STATS_FIELDS = ("amax", "overflow_count", "underflow_count", "signal_energy", "noise_energy")
 
 _F32_INF_BITS = 0x7F800000
 _F32_QNAN_BITS = 0x7FC00000
@@ -134,26 +137,33 @@ def round_to_format(
     saturate: bool,
     dequantize: bool,
     exact_subnormal_exponent: bool = False,
-    return_amax: bool = False,
+    stats: str = "none",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Round ``x * scale`` onto the grid described by ``params``; return float32 (divided back by
     ``scale`` when ``dequantize``). ``scale`` must broadcast against ``x``.
 
     This is the whole quantizer; the public API in :mod:`altgrad.quantization.quantize` only validates,
-    reshapes and dispatches here (eagerly or compiled). With ``return_amax`` it also returns ``max |x|``
-    (before scaling, NaN-propagating), computed in the same compiled kernel, for delayed scaling.
+    reshapes and dispatches here (eagerly or compiled). Statistics come out of the same compiled
+    kernel (reductions fused with the rounding pass, no second read of ``x``), returned as ``(q, s)``:
+
+    - ``stats="amax"``: ``s`` is ``max |x|`` (before scaling, NaN-propagating), for delayed scaling.
+    - ``stats="full"``: ``s`` is a float64 vector laid out as :data:`STATS_FIELDS`: the amax; how many
+      finite scaled values exceed ``max_value`` (infinities included); how many nonzero values became
+      zero; and the signal and noise energies ``sum(xs^2)``, ``sum((xs - q)^2)`` over finite lanes
+      (float64 sums, as in :func:`~altgrad.quantization.diagnostics.quantization_stats`).
     """
     xf = x.to(torch.float32)
-    amax_out = xf.abs().amax() if return_amax else None
+    amax_out = xf.abs().amax() if stats != "none" else None
     if scale is not None:
         xf = xf * scale
     man_bits = params[P_MAN_BITS]
     emin_b = params[P_EMIN_BIASED]
 
     bits = xf.view(torch.int32)
+    a_in = bits & _ABS_MASK  # |xs| as ordered bits; NaNs above inf's
     # NaN magnitudes are pinned to inf's bits so the additions below cannot overflow int32; NaN is
     # restored from `bits` at the end.
-    a = torch.minimum(bits & _ABS_MASK, torch.tensor(_F32_INF_BITS, dtype=torch.int32, device=bits.device))
+    a = torch.minimum(a_in, torch.tensor(_F32_INF_BITS, dtype=torch.int32, device=bits.device))
     exp_b = a >> 23  # float32 biased exponent field
     # Low bits of `a` that fall below the target's spacing 2**(max(e, emin) - M). Float32 subnormals
     # (field 0) share binade 1's spacing, which is exact whenever the format's emin >= -126.
@@ -198,33 +208,53 @@ def round_to_format(
     # Sign (dropped from zeros in formats without -0), then NaN.
     sign = bits & torch.where(r == 0, params[P_ZERO_SIGN_MASK], params[P_SIGN_MASK])
     r = r | sign
-    is_nan = ((bits & _ABS_MASK) > _F32_INF_BITS) | (bits < params[P_NAN_BELOW])
+    is_nan = (a_in > _F32_INF_BITS) | (bits < params[P_NAN_BELOW])
     r = torch.where(is_nan, _F32_QNAN_BITS, r)
     q = r.view(torch.float32)
+    if stats == "full":
+        finite = a_in < _F32_INF_BITS
+        overflow = ((a_in > max_bits) & (a_in <= _F32_INF_BITS)).sum()
+        underflow = ((a_in != 0) & ((r & _ABS_MASK) == 0)).sum()
+        xs64 = torch.where(finite, xf, 0.0).to(torch.float64)
+        err = torch.where(finite & ((r & _ABS_MASK) < _F32_INF_BITS), xs64 - q.to(torch.float64), 0.0)
+        amax_out = torch.stack(
+            [
+                amax_out.to(torch.float64),
+                overflow.to(torch.float64),
+                underflow.to(torch.float64),
+                xs64.square().sum(),
+                err.square().sum(),
+            ]
+        )
     if dequantize and scale is not None:
         q = q / scale
-    return (q, amax_out) if return_amax else q
+    return q if stats == "none" else (q, amax_out)
 
 
 # ---------------------------------------------------------------------------- dispatch
 _COMPILE_DISABLED_ENV = "ALTGRAD_DISABLE_COMPILE"
 _compile_lock = threading.Lock()
 _compile_failed: set[str] = set()
+# Inductor's C++ backend decides at compile time whether a loop runs on all cores, from the size of the
+# tensor it was first compiled for; with dynamic shapes (and its on-disk cache) that decision then holds
+# for every later size, so a first call on a small tensor would leave 16M-element ones single-threaded.
+# Dynamic threads leave the choice to OpenMP at run time. (Triton kernels on CUDA are unaffected.)
+_INDUCTOR_OPTIONS = {"cpp.dynamic_threads": True}
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_kernel(device_type: str, variant: tuple = ()):
-    """The compiled kernel for one static variant (rounding, flags, input dtype).
+def _compiled(fn: types.FunctionType, device_type: str, variant: tuple = ()):
+    """``fn`` compiled for one static variant (rounding, flags, input dtype).
 
     dynamic=True: one graph serves every tensor size, and format parameters are tensors, so one graph
     serves every format. Each variant gets a code object of its own (`code.replace`), because dynamo
     keeps its compiled graphs -- and its limit of 8 recompilations -- per code object: sharing one
     across all variants would hit the limit in any process that uses many of them.
     """
-    name = "round_to_format_" + "_".join(str(v).replace(".", "_") for v in variant) if variant else "round_to_format"
-    code = round_to_format.__code__.replace(co_name=name)
-    fn = types.FunctionType(code, round_to_format.__globals__, name, round_to_format.__defaults__)
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+    name = fn.__name__ + "".join("_" + str(v).replace(".", "_") for v in variant)
+    code = fn.__code__.replace(co_name=name)
+    variant_fn = types.FunctionType(code, fn.__globals__, name, fn.__defaults__)
+    return torch.compile(variant_fn, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS)
 
 
 def compile_enabled(device_type: str) -> bool:
@@ -236,34 +266,55 @@ def compile_enabled(device_type: str) -> bool:
     return device_type in ("cpu", "cuda")
 
 
-def run_kernel(*args, use_compile: bool | None = None) -> torch.Tensor:
-    """Run :func:`round_to_format` through the fused path when available, else eagerly.
+def run_compiled(fn: types.FunctionType, *args, variant: tuple = (), use_compile: bool | None = None):
+    """Run ``fn(*args)`` through its compiled (fused) form when available, else eagerly.
 
     The fused path is the default. If compilation fails on this machine (no C++ compiler, an
     unsupported backend) altgrad logs one warning and keeps working eagerly — same results, slower.
     """
-    x = args[0]
-    device_type = x.device.type
+    device_type = args[0].device.type
     if use_compile is None:
         use_compile = compile_enabled(device_type) and not torch.compiler.is_compiling()
     if not use_compile:
-        return round_to_format(*args)
-    variant = (x.dtype, *args[4:])  # rounding, saturate, dequantize, exact exponent, return_amax
+        return fn(*args)
     try:
-        return _compiled_kernel(device_type, variant)(*args)
+        return _compiled(fn, device_type, variant)(*args)
     except torch._dynamo.exc.FailOnRecompileLimitHit:
         # An unusual mix of shapes for one variant: this call runs eagerly, compilation stays on.
-        return round_to_format(*args)
+        return fn(*args)
     except Exception as exc:  # noqa: BLE001 - any backend failure falls back to the identical eager code
         with _compile_lock:
             if device_type not in _compile_failed:
                 _compile_failed.add(device_type)
                 logger.warning(
-                    "altgrad: torch.compile of the quantization kernel failed on %s (%s: %s); "
+                    "altgrad: torch.compile of the quantization kernels failed on %s (%s: %s); "
                     "using the eager path (same results, slower). Set %s=1 to silence this.",
                     device_type,
                     type(exc).__name__,
                     str(exc).splitlines()[0] if str(exc) else "",
                     _COMPILE_DISABLED_ENV,
                 )
-        return round_to_format(*args)
+        return fn(*args)
+
+
+def run_kernel(*args, use_compile: bool | None = None) -> torch.Tensor:
+    """:func:`round_to_format` through :func:`run_compiled`, one compiled variant per static flag set."""
+    variant = (args[0].dtype, *args[4:])  # rounding, saturate, dequantize, exact exponent, stats
+    return run_compiled(round_to_format, *args, variant=variant, use_compile=use_compile)
+
+
+def binade_histogram(q: torch.Tensor, lowest_exponent: int, num_binades: int) -> torch.Tensor:
+    """How many nonzero finite values of ``q`` fall in each binade ``2**(lowest_exponent + i)``,
+    ``i < num_binades`` (int32 counts; values outside are clamped to the end bins).
+
+    The binade is read from the float32 exponent field; float32 subnormals (only formats reaching
+    below 2**-126 have such values) get theirs from the exact int->float conversion of their bits.
+    """
+    bits = q.to(torch.float32).view(torch.int32) & _ABS_MASK
+    counted = (bits > 0) & (bits < _F32_INF_BITS)
+    exp_field = bits >> 23
+    sub_exp = (bits.to(torch.float32).view(torch.int32) >> 23) - 149  # biased exponent of bits * 2**-149
+    exponent = torch.where(exp_field == 0, sub_exp, exp_field) - 127
+    index = (exponent - lowest_exponent).clamp(0, num_binades - 1).to(torch.int64)
+    hist = torch.zeros(num_binades, dtype=torch.int32, device=q.device)
+    return hist.scatter_add(0, index.reshape(-1), counted.reshape(-1).to(torch.int32))

@@ -23,9 +23,25 @@ import math
 import torch
 
 from altgrad.quantization.formats import FloatFormat, get_format
-from altgrad.quantization.kernels import ROUNDING_MODES, format_params, needs_exact_subnormal_exponent, run_kernel
+from altgrad.quantization.kernels import (
+    ROUNDING_MODES,
+    STATS_FIELDS,
+    format_params,
+    needs_exact_subnormal_exponent,
+    run_kernel,
+)
 
-__all__ = ["quantize", "dequantize", "fake_quantize", "quantize_with_amax", "block_shape_of", "scale_views"]
+__all__ = [
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "quantize_with_amax",
+    "quantize_with_stats",
+    "quantize_with_sums",
+    "stats_from_sums",
+    "block_shape_of",
+    "scale_views",
+]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -115,7 +131,7 @@ def _seeds(device: torch.device, generator: torch.Generator | None) -> torch.Ten
     return seeds.to(device, non_blocking=True)
 
 
-def _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequant, return_amax=False):
+def _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequant, stats="none"):
     _check_tensor(x)
     fmt = get_format(fmt)
     if rounding not in ROUNDING_MODES:
@@ -137,11 +153,11 @@ def _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequant, return
         bool(saturate),
         dequant,
         needs_exact_subnormal_exponent(fmt),
-        return_amax,
+        stats,
     )
-    if return_amax:  # callers guarantee a non-empty x (amax of nothing is undefined)
-        q, x_amax = out
-        return q.reshape(x.shape).to(out_dtype), x_amax
+    if stats != "none":  # callers guarantee a non-empty x (amax of nothing is undefined)
+        q, sums = out
+        return q.reshape(x.shape).to(out_dtype), sums
     return out.reshape(x.shape).to(out_dtype)
 
 
@@ -165,7 +181,79 @@ def quantize_with_amax(
     """
     if x.numel() == 0:
         return _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequantize), torch.zeros((), device=x.device)
-    return _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequantize, return_amax=True)
+    return _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequantize, stats="amax")
+
+
+def stats_from_sums(sums: torch.Tensor, numel: int) -> dict[str, torch.Tensor]:
+    """Turn the kernel's float64 sums (laid out as ``STATS_FIELDS``) into 0-d float32 statistics:
+    ``amax``, ``overflow_rate``, ``underflow_rate`` and ``sqnr_db`` (inf when the format is exact)."""
+    amax_, overflow, underflow, signal, noise = sums.unbind(0)
+    n = max(numel, 1)
+    sqnr = torch.where(
+        noise > 0, 10.0 * torch.log10(signal / noise.clamp_min(1e-300)), torch.full_like(noise, math.inf)
+    )
+    return {
+        "overflow_rate": (overflow / n).to(torch.float32),
+        "underflow_rate": (underflow / n).to(torch.float32),
+        "sqnr_db": sqnr.to(torch.float32),
+        "amax": amax_.to(torch.float32),
+    }
+
+
+def quantize_with_stats(
+    x: torch.Tensor,
+    fmt: FloatFormat | str,
+    scale: torch.Tensor | float | None = None,
+    rounding: str = "nearest",
+    saturate: bool = True,
+    generator: torch.Generator | None = None,
+    dequantize: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`quantize` (or :func:`fake_quantize` with ``dequantize=True``) plus what the rounding did,
+    reduced inside the same fused pass: no second read of ``x``, no host synchronisation.
+
+    The statistics (0-d float32 tensors) are measured on the scaled values ``xs = x * scale`` against
+    the rounded ``q`` actually returned (stochastic rounding included):
+
+    - ``overflow_rate``: share of elements with ``|xs| > max_value`` (infinities included, NaN not);
+    - ``underflow_rate``: share of nonzero elements that became zero;
+    - ``sqnr_db``: ``10 log10(sum xs^2 / sum (xs - q)^2)`` over finite values (inf when exact);
+    - ``amax``: ``max |x|`` before scaling (NaN if x has a NaN).
+
+    No gradient (for use inside autograd functions and monitors).
+
+    Example:
+        >>> q, s = quantize_with_stats(torch.tensor([1e-6, 1.0, 1000.0, 0.0]), "e4m3")
+        >>> q.tolist(), s["overflow_rate"].item(), s["underflow_rate"].item()
+        ([0.0, 1.0, 448.0, 0.0], 0.25, 0.25)
+    """
+    q, sums = quantize_with_sums(x, fmt, scale, rounding, saturate, generator, dequantize)
+    return q, stats_from_sums(sums, x.numel())
+
+
+def quantize_with_sums(
+    x: torch.Tensor,
+    fmt: FloatFormat | str,
+    scale: torch.Tensor | float | None = None,
+    rounding: str = "nearest",
+    saturate: bool = True,
+    generator: torch.Generator | None = None,
+    dequantize: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The raw form of :func:`quantize_with_stats`: ``(q, sums)`` with ``sums`` a float64 vector laid
+    out as ``STATS_FIELDS`` (amax, overflow count, underflow count, signal energy, noise energy).
+    Sums of several calls add (the amax takes a max); :func:`stats_from_sums` turns them into rates
+    and dB once, which is how a monitor aggregates many calls cheaply.
+
+    Example:
+        >>> _, sums = quantize_with_sums(torch.tensor([1e-6, 1.0, 1000.0, 0.0]), "e4m3")
+        >>> sums[:3].tolist()
+        [1000.0, 1.0, 1.0]
+    """
+    if x.numel() == 0:
+        q = _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequantize)
+        return q, torch.zeros(len(STATS_FIELDS), dtype=torch.float64, device=x.device)
+    return _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequantize, stats="full")
 
 
 class _QuantizeSTE(torch.autograd.Function):

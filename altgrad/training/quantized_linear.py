@@ -35,12 +35,13 @@ from altgrad.quantization import (
     amax,
     compute_scale,
     dequantize,
+    dynamic_range_used,
     fake_quantize,
     mx_scale,
-    quantization_stats,
     quantize,
     quantize_with_amax,
 )
+from altgrad.quantization.quantize import quantize_with_sums, stats_from_sums
 from altgrad.training.native_fp8 import NativeFP8LinearFunction, native_fp8_unsupported_reason
 from altgrad.training.recipe import TENSOR_ROLES, QuantRecipe, TensorQuantSpec
 
@@ -77,7 +78,12 @@ class TensorQuantizer:
             self.granularity = Granularity.per_block(spec.block_size)
         self.history = AmaxHistory(spec.amax_history_len) if spec.scaling == "delayed" else None
         self.collect_stats = False
-        self._stat_sums: dict[str, torch.Tensor] = {}
+        # Logged-step statistics, summed on device across calls: the kernel's float64 sums (amax kept
+        # apart, as a max), the element count, and the per-call dynamic-range share and mean scale.
+        self._sums: torch.Tensor | None = None
+        self._amax_seen: torch.Tensor | None = None
+        self._per_call: torch.Tensor | None = None
+        self._numel = 0
         self._stat_count = 0
         self.last_scale: torch.Tensor | None = None
         self._stepped = False  # a driver calls begin_step()
@@ -136,55 +142,61 @@ class TensorQuantizer:
     def _round(self, x: torch.Tensor, record: bool, dequant: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         spec = self.spec
         scale = self.scale_for(x, record)
-        if record and self.history is not None and x.numel():
+        kwargs = dict(rounding=spec.rounding, saturate=spec.saturate)
+        current = None  # this call's amax, when the rounding pass produced it
+        if record and self.collect_stats and x.numel():
+            # A logged step: the rounding pass also reduces overflow, underflow, SQNR and amax.
+            q, sums = quantize_with_sums(x, spec.format, scale, **kwargs)
+            current = sums[0].to(torch.float32)
+            self._accumulate(sums, q, scale)
+            if dequant:
+                q = dequantize(q, scale)
+        elif record and self.history is not None and x.numel():
             # Delayed scaling knows its scale before the pass, so this step's amax comes out of the
             # same fused kernel that rounds x (no extra reduction over x).
-            q, current = quantize_with_amax(
-                x, spec.format, scale, rounding=spec.rounding, saturate=spec.saturate, dequantize=dequant
-            )
-            self._step_amax = current if self._step_amax is None else torch.maximum(self._step_amax, current)
+            q, current = quantize_with_amax(x, spec.format, scale, dequantize=dequant, **kwargs)
         else:
-            fn = fake_quantize if dequant else quantize
-            q = fn(x, spec.format, scale, rounding=spec.rounding, saturate=spec.saturate)
+            q = (fake_quantize if dequant else quantize)(x, spec.format, scale, **kwargs)
+        if self.history is not None and current is not None:
+            self._step_amax = current if self._step_amax is None else torch.maximum(self._step_amax, current)
         return q, scale
 
     def quantize(self, x: torch.Tensor, record: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(q, scale)``: ``x * scale`` on the format's grid; statistics recorded when collecting."""
-        q, scale = self._round(x, record, dequant=False)
-        if record and self.collect_stats:
-            self._accumulate(quantization_stats(x, self.spec.format, scale, q=q), scale)
-        return q, scale
+        return self._round(x, record, dequant=False)
 
     def __call__(self, x: torch.Tensor, record: bool = True) -> torch.Tensor:
         """Fake-quantize ``x`` (quantize, then divide the scale back out) in one fused pass."""
-        if record and self.collect_stats:
-            q, scale = self.quantize(x, record)
-            return dequantize(q, scale)
         return self._round(x, record, dequant=True)[0]
 
-    def _accumulate(self, stats: dict[str, torch.Tensor], scale: torch.Tensor | None) -> None:
-        stats = dict(stats)
-        stats["scale"] = (
-            torch.ones((), device=stats["amax"].device) if scale is None else scale.detach().float().mean()
-        )
-        # SQNR is averaged in dB but an exact (inf) SQNR would swamp the mean: cap it.
-        stats["sqnr_db"] = stats["sqnr_db"].clamp(max=SQNR_CAP_DB)
-        for key, value in stats.items():
-            value = value.detach()
-            if key not in self._stat_sums:
-                self._stat_sums[key] = value.clone()
-            elif key == "amax":  # a max over the calls, not a mean
-                self._stat_sums[key] = torch.maximum(self._stat_sums[key], value)
-            else:
-                self._stat_sums[key] = self._stat_sums[key] + value
+    def _accumulate(self, sums: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None) -> None:
+        scale_mean = torch.ones((), device=q.device) if scale is None else scale.detach().float().mean()
+        per_call = torch.stack([dynamic_range_used(q, self.spec.format), scale_mean])
+        if self._sums is None:
+            self._sums, self._amax_seen, self._per_call = sums, sums[0], per_call
+        else:
+            self._sums = self._sums + sums
+            self._amax_seen = torch.maximum(self._amax_seen, sums[0])
+            self._per_call = self._per_call + per_call
+        self._numel += q.numel()
         self._stat_count += 1
 
     def pop_stats(self) -> dict[str, torch.Tensor]:
-        """Statistics since the last call (on-device 0-d tensors: means, amax a max), then reset."""
+        """Statistics since the last call (on-device 0-d tensors), then reset.
+
+        Rates pool every collected call (overflowing elements / elements seen), SQNR pools their
+        energies (capped at ``SQNR_CAP_DB`` for exactly carried tensors), amax is a max, and
+        ``dynamic_range_used`` and ``scale`` are means over the calls.
+        """
         if not self._stat_count:
             return {}
-        out = {k: v if k == "amax" else v / self._stat_count for k, v in self._stat_sums.items()}
-        self._stat_sums, self._stat_count = {}, 0
+        sums = torch.cat([self._amax_seen.view(1), self._sums[1:]])
+        out = stats_from_sums(sums, self._numel)
+        out["sqnr_db"] = out["sqnr_db"].clamp(max=SQNR_CAP_DB)
+        per_call = self._per_call / self._stat_count
+        out["dynamic_range_used"], out["scale"] = per_call[0], per_call[1]
+        self._sums = self._amax_seen = self._per_call = None
+        self._numel = self._stat_count = 0
         return out
 
     def state_dict(self) -> dict:
