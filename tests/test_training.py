@@ -17,6 +17,7 @@ from transformers import TrainingArguments
 
 from altgrad.modeling import GPT, GPTConfig
 from altgrad.quantization import fake_quantize
+from altgrad.training.native_fp8 import CPU_ENV
 from altgrad.training import (
     AltGradTrainer,
     FP32ShadowModel,
@@ -509,25 +510,75 @@ def test_native_fp8_falls_back_to_identical_simulation_with_a_note(caplog):
     assert len(notes) == 8  # one note per converted layer, not one per call
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
-    reason="needs a CUDA GPU with FP8 tensor cores",
+_FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not _FP8_GPU, reason="needs FP8 tensor cores")])],
 )
-def test_native_fp8_matches_simulation_to_accumulation_error():
-    torch.manual_seed(0)
-    native = QuantRecipe.from_dict({"preset": "fp8_hybrid", "backend": "native_fp8"})
-    outs = []
-    for r in (native, "fp8_hybrid"):
-        lin = nn.Linear(256, 512).cuda()
+@pytest.mark.parametrize("scaling", ["delayed", "current"])
+def test_native_fp8_matches_simulation_to_accumulation_error(device, scaling, monkeypatch):
+    # On CPU, torch's own _scaled_mm runs the native path: same layouts, scales and autograd as on GPU.
+    monkeypatch.setenv(CPU_ENV, "1")
+    spec = lambda fmt: {"format": fmt, "scaling": scaling}  # noqa: E731
+    recipes = {
+        backend: QuantRecipe.from_dict(
+            {"weight": spec("E4M3"), "activation": spec("E4M3"), "grad_output": spec("E5M2"), "backend": backend}
+        )
+        for backend in ("native_fp8", "simulated")
+    }
+    outs = {}
+    for backend, recipe in recipes.items():
         torch.manual_seed(1)
+        lin = nn.Linear(256, 512).to(device)
         with torch.no_grad():
             lin.weight.normal_(0, 0.02)
         net = nn.Sequential(lin)
-        quantize_model(net, r, modules=["0"])
-        x = torch.randn(64, 256, device="cuda", requires_grad=True)
+        quantize_model(net, recipe, modules=["0"])
+        g = torch.Generator().manual_seed(2)
+        x = torch.randn(4, 16, 256, generator=g).to(device).requires_grad_()
+        dy = torch.randn(4, 16, 512, generator=g).to(device)
+        for _ in range(2):  # the second call uses the delayed scale the first one recorded
+            x.grad = None
+            lin.zero_grad()
+            y = net(x)
+            y.backward(dy)
+        outs[backend] = (y.detach(), x.grad, lin.weight.grad, lin.bias.grad)
+        assert ("NativeFP8" in type(y.grad_fn).__name__) == (backend == "native_fp8")
+    for name, a, b in zip(("y", "dx", "dW", "db"), outs["native_fp8"], outs["simulated"]):
+        # Identical FP8 operands; only where the scales are applied and the summation order differ.
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=name)
+
+
+def test_native_fp8_training_follows_the_simulated_loss_curve(monkeypatch):
+    monkeypatch.setenv(CPU_ENV, "1")
+    curves = {}
+    for backend in ("native_fp8", "simulated"):
+        model = tiny_gpt(seed=3)
+        quantizer = quantize_model(model, QuantRecipe.from_dict({"preset": "fp8_hybrid", "backend": backend}))
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses = []
+        for step in range(25):
+            quantizer.begin_step()
+            loss = model(**batch(step % 5)).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        curves[backend] = losses
+    native, simulated = torch.tensor(curves["native_fp8"]), torch.tensor(curves["simulated"])
+    assert native[-1] < native[0] - 0.3  # it trains
+    assert (native - simulated).abs().max() < 2e-3, (native - simulated).abs().max()
+
+
+def test_native_fp8_writes_the_autocast_dtype_like_a_linear(monkeypatch):
+    monkeypatch.setenv(CPU_ENV, "1")
+    net = nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 16))
+    quantize_model(net, QuantRecipe.from_dict({"preset": "fp8_hybrid", "backend": "native_fp8"}), modules=["*"])
+    x = torch.randn(16, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         y = net(x)
-        y.backward(torch.randn_like(y, generator=None))
-        outs.append((y.detach(), x.grad, lin.weight.grad))
-    for a, b in zip(outs[0], outs[1]):
-        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4 * b.abs().max().item())
+    assert y.dtype == torch.bfloat16 and "NativeFP8" in type(y.grad_fn).__name__
+    y.float().sum().backward()
+    assert x.grad.dtype == net[0].weight.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()

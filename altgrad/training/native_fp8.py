@@ -12,12 +12,17 @@ rounding, scaling and statistics are identical), then stored as ``torch.float8_e
 matrix dim that it contracts or outputs along N to be a multiple of 16, and has no E5M2 x E5M2 kernel.
 Whatever it cannot run (another format, per-block scales, odd shapes, no CUDA FP8 support) falls back to
 the simulated path for that layer, with one logged note per layer and reason.
+
+Without a GPU, ``ALTGRAD_NATIVE_FP8_ON_CPU=1`` runs the same code on torch's CPU ``_scaled_mm`` (no FP8
+hardware, so slower than float32 GEMMs): a way to check the FP8 layouts, scales and autograd of this
+path, and what the test suite uses to validate it against the simulation on CPU-only machines.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 
@@ -27,6 +32,7 @@ __all__ = ["FP8_DTYPES", "native_fp8_unsupported_reason", "NativeFP8LinearFuncti
 
 FP8_DTYPES = {"E4M3": torch.float8_e4m3fn, "E5M2": torch.float8_e5m2}
 _ROLES = ("activation", "weight", "grad_output")
+CPU_ENV = "ALTGRAD_NATIVE_FP8_ON_CPU"
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,6 +41,8 @@ def _cuda_supports_fp8(index: int) -> bool:
 
 
 def _device_supports_fp8(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return os.environ.get(CPU_ENV, "0") == "1"
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
     return _cuda_supports_fp8(device.index if device.index is not None else torch.cuda.current_device())
@@ -43,7 +51,10 @@ def _device_supports_fp8(device: torch.device) -> bool:
 def native_fp8_unsupported_reason(layer, x: torch.Tensor) -> str | None:
     """Why this layer/input cannot run on FP8 tensor cores (None when it can)."""
     if not _device_supports_fp8(x.device):
-        return "no CUDA device with FP8 tensor cores (needs compute capability >= 8.9)"
+        return (
+            f"no CUDA device with FP8 tensor cores on {x.device} (needs compute capability >= 8.9; "
+            f"{CPU_ENV}=1 runs torch._scaled_mm on CPU, slowly, to validate the path)"
+        )
     missing = [r for r in _ROLES if r not in layer.quantizers]
     if missing:
         return f"roles {missing} are not quantized, but FP8 GEMMs need all three operands in FP8"
@@ -79,12 +90,20 @@ def _scaled_mm(a8, b8_colmajor, inv_a, inv_b, out_dtype):
     return torch._scaled_mm(a8, b8_colmajor, scale_a=inv_a, scale_b=inv_b, out_dtype=out_dtype)
 
 
+def _output_dtype(x: torch.Tensor) -> torch.dtype:
+    # Under autocast a Linear returns the autocast dtype; the FP8 GEMM writes it directly, as
+    # F.linear would on the simulated path.
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+
+
 class NativeFP8LinearFunction(torch.autograd.Function):
     """The three GEMMs of a Linear layer on FP8 tensor cores (see module docstring)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer):
-        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+        out_dtype = _output_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])  # (M, K)
         x8, inv_x = _to_fp8(x2, layer.quantizers["activation"], layer.training)
         w8, inv_w = _to_fp8(weight, layer.quantizers["weight"], layer.training)  # (N, K)
