@@ -10,6 +10,10 @@ rounding, scaling and statistics are identical), then stored as ``torch.float8_e
 
 `torch._scaled_mm` takes the *dequantization* scales (the inverse of altgrad's multipliers), needs every
 matrix dim that it contracts or outputs along N to be a multiple of 16, and has no E5M2 x E5M2 kernel.
+Scales are per tensor or per row (granularity ``"row"``: one per token for x and dy, one per output
+feature for W). A scale can only be applied to the accumulator along an *output* dim, so per-row
+scales serve the forward GEMM; a backward GEMM that contracts over a per-row scaled dim (dx over W's
+rows, dW over the tokens) runs in float32 on the same FP8 operands, with a logged note.
 Whatever it cannot run (another format, per-block scales, odd shapes, no CUDA FP8 support) falls back to
 the simulated path for that layer, with one logged note per layer and reason.
 
@@ -62,13 +66,17 @@ def native_fp8_unsupported_reason(layer, x: torch.Tensor) -> str | None:
         spec = layer.quantizers[role].spec
         if spec.format not in FP8_DTYPES:
             return f"{role} format {spec.format} has no hardware type (only E4M3/E5M2)"
-        if spec.granularity != "tensor":
-            return f"{role} uses {spec.granularity} scaling; the native path supports per-tensor scales"
+        if spec.granularity not in ("tensor", "row"):
+            return f"{role} uses {spec.granularity} scaling; the native path supports per-tensor and per-row scales"
     fmt = {r: layer.quantizers[r].spec.format for r in _ROLES}
     if fmt["activation"] == fmt["weight"] == "E5M2" or fmt["grad_output"] == fmt["weight"] == "E5M2" or (
         fmt["grad_output"] == fmt["activation"] == "E5M2"
     ):
         return "E5M2 x E5M2 GEMMs have no FP8 kernel (use E4M3 for weights/activations, e.g. fp8_hybrid)"
+    rowwise = any(layer.quantizers[r].spec.granularity == "row" for r in ("activation", "weight"))
+    if rowwise and x.device.type == "cuda" and _output_dtype(x) == torch.float32:
+        if torch.cuda.get_device_capability(x.device) != (9, 0):
+            return "per-row FP8 GEMMs write bf16/fp16 only on this GPU (run under bf16 autocast)"
     tokens = x.numel() // x.shape[-1] if x.dim() else 0
     dims = {"in_features": layer.in_features, "out_features": layer.out_features, "tokens (batch x seq)": tokens}
     odd = [f"{k}={v}" for k, v in dims.items() if v % 16]
@@ -82,12 +90,38 @@ def _to_fp8(t: torch.Tensor, quantizer, record: bool) -> tuple[torch.Tensor, tor
     then store in the hardware dtype. Returns the FP8 tensor and the *dequantization* scale (1 /
     altgrad's multiplier), float32, 0-d."""
     q, scale = quantizer.quantize(t, record)
-    inv = torch.ones((), device=t.device) if scale is None else (1.0 / scale.float()).reshape(())
+    if scale is None:
+        inv = torch.ones((), device=t.device)
+    else:  # per tensor: 0-d; per row: (rows, 1)
+        inv = 1.0 / scale.float()
+        inv = inv.reshape(()) if inv.numel() == 1 else inv.reshape(-1, 1)
     return q.to(FP8_DTYPES[quantizer.spec.format]), inv
 
 
-def _scaled_mm(a8, b8_colmajor, inv_a, inv_b, out_dtype):
-    return torch._scaled_mm(a8, b8_colmajor, scale_a=inv_a, scale_b=inv_b, out_dtype=out_dtype)
+def _gemm(a8, inv_a, b8, inv_b_rows, out_dtype):
+    """``(a8 * inv_a) @ (b8 * inv_b_rows).T`` for ``a8`` (M, C) and ``b8`` (N, C), contracting over C.
+
+    ``inv_a`` is 0-d or (M, 1) and ``inv_b_rows`` 0-d or (N, 1): scales along the output dims, which
+    ``torch._scaled_mm`` applies to its float32 accumulator. ``b8`` is passed transposed (column-major),
+    the layout the FP8 tensor cores need.
+    """
+    if inv_a.dim() or inv_b_rows.dim():  # per-row on either side: both as rowwise scales
+        inv_a = inv_a.reshape(-1, 1).expand(a8.shape[0], 1).contiguous()
+        inv_b_rows = inv_b_rows.reshape(1, -1).expand(1, b8.shape[0]).contiguous()
+    return torch._scaled_mm(a8, b8.t(), scale_a=inv_a, scale_b=inv_b_rows, out_dtype=out_dtype)
+
+
+def _dequantized_gemm(a8, inv_a, b8, inv_b, out_dtype):
+    """``(a8 * inv_a) @ (b8 * inv_b)`` in float32 from the FP8 operands: for a GEMM whose per-row scales
+    lie along its contraction dim, where no FP8 kernel can apply them (the same values the simulated
+    path multiplies)."""
+    return ((a8.float() * inv_a) @ (b8.float() * inv_b)).to(out_dtype)
+
+
+def _note_once(layer, note: str) -> None:
+    if note not in layer._fallback_notes:
+        layer._fallback_notes.add(note)
+        logger.warning("altgrad native_fp8: %s: %s", layer.layer_name, note)
 
 
 def _output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -105,9 +139,9 @@ class NativeFP8LinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, layer):
         out_dtype = _output_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-        x8, inv_x = _to_fp8(x2, layer.quantizers["activation"], layer.training)
-        w8, inv_w = _to_fp8(weight, layer.quantizers["weight"], layer.training)  # (N, K)
-        y = _scaled_mm(x8, w8.t(), inv_x, inv_w, out_dtype)  # (M, N); w8.t() is column-major
+        x8, inv_x = _to_fp8(x2, layer.quantizers["activation"], layer.training)  # inv_x: () or (M, 1)
+        w8, inv_w = _to_fp8(weight, layer.quantizers["weight"], layer.training)  # (N, K); inv_w: () or (N, 1)
+        y = _gemm(x8, inv_x, w8, inv_w, out_dtype)  # (M, N)
         if bias is not None:
             y = y + bias.to(out_dtype)
         ctx.save_for_backward(x8, w8, inv_x, inv_w)
@@ -119,15 +153,23 @@ class NativeFP8LinearFunction(torch.autograd.Function):
         x8, w8, inv_x, inv_w = ctx.saved_tensors
         layer = ctx.layer
         g2 = grad_out.reshape(-1, grad_out.shape[-1])  # (M, N)
-        g8, inv_g = _to_fp8(g2, layer.quantizers["grad_output"], layer.training)
+        g8, inv_g = _to_fp8(g2, layer.quantizers["grad_output"], layer.training)  # inv_g: () or (M, 1)
         out_dtype = grad_out.dtype if grad_out.dtype != torch.float64 else torch.float32
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            w8_col = w8.t().contiguous().t()  # (N, K) column-major
-            grad_x = _scaled_mm(g8, w8_col, inv_g, inv_w, out_dtype).reshape(ctx.x_shape)  # (M, K)
+            if inv_w.dim():  # W's per-row scales lie along this GEMM's contraction dim (N)
+                _note_once(layer, "per-row weight scales: the input-gradient GEMM runs in float32 on the FP8 operands")
+                grad_x = _dequantized_gemm(g8, inv_g, w8, inv_w, out_dtype)
+            else:
+                grad_x = _gemm(g8, inv_g, w8.t().contiguous(), inv_w, out_dtype)  # (M, K)
+            grad_x = grad_x.reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            x8_col = x8.t().contiguous().t()  # (M, K) column-major
-            grad_w = _scaled_mm(g8.t().contiguous(), x8_col, inv_g, inv_x, torch.float32).to(ctx.w_dtype)  # (N, K)
+            if inv_g.dim() or inv_x.dim():  # per-row scales along the token dim (M), contracted here
+                _note_once(layer, "per-row scales along tokens: the weight-gradient GEMM runs in float32 on the FP8 operands")
+                grad_w = _dequantized_gemm(g8.t(), inv_g.t() if inv_g.dim() else inv_g, x8, inv_x, torch.float32)
+            else:
+                grad_w = _gemm(g8.t().contiguous(), inv_g, x8.t().contiguous(), inv_x, torch.float32)  # (N, K)
+            grad_w = grad_w.to(ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
         return grad_x, grad_w, grad_b, None
