@@ -414,3 +414,22 @@ def test_dynamic_range_used_matches_numpy_binades(fmt):
     expected = len(np.unique(binades)) / fmt.num_binades
     assert dynamic_range_used(quantize(x, fmt), fmt).item() == pytest.approx(expected)
     assert 0 < expected < 1 or fmt.name in ("E4M3", "E5M2", "E2M1")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_cuda_fused_statistics_match_cpu(rounding):
+    from altgrad.quantization.quantize import quantize_with_sums
+
+    x = _hard_tensor(1 << 20, seed=4).view(1024, 1024)
+    scale = torch.exp2(torch.arange(1024, dtype=torch.float32).view(1024, 1) % 5 - 2)
+    for name in ("e4m3", "e5m2", "e2m1", "e3m4"):
+        cpu_q, cpu_sums = quantize_with_sums(x, name, scale, rounding=rounding, generator=torch.Generator().manual_seed(0))
+        gpu_q, gpu_sums = quantize_with_sums(
+            x.cuda(), name, scale.cuda(), rounding=rounding, generator=torch.Generator().manual_seed(0)
+        )
+        assert torch.equal(gpu_q.cpu().view(torch.int32), cpu_q.view(torch.int32)), name
+        assert torch.equal(gpu_sums[:3].cpu(), cpu_sums[:3]), name  # amax and counts exactly
+        torch.testing.assert_close(gpu_sums[3:].cpu(), cpu_sums[3:], rtol=1e-10, atol=0)
+        assert dynamic_range_used(gpu_q, name).item() == dynamic_range_used(cpu_q, name).item()
