@@ -490,6 +490,8 @@ def test_divergent_run_alerts_checkpoints_and_stops(tmp_path):
     assert not math.isfinite(recorded["metrics"]["loss"]) or recorded["metrics"]["nonfinite_layers"]
     assert not torch.isfinite(loss), "re-running the saved batch reproduces the non-finite loss"
     assert (ckpt / "altgrad_quant_state.pt").is_file() and (ckpt / "optimizer.pt").is_file()
+    run_info = json.loads((ckpt / "altgrad_run.json").read_text())  # the same run info as a checkpoint's
+    assert run_info["recipe"]["weight"]["format"] == "E5M2" and "consecutive_bad_steps" in run_info
 
 
 # --------------------------------------------------------------------------- native FP8 backend

@@ -161,8 +161,8 @@ class AltGradTrainer(Trainer):
     def save_anomaly_checkpoints(self, reason_alerts: list, metrics: dict | None = None) -> list[str]:
         """Save a full checkpoint per pending anomaly under ``output_dir/anomalies/step-<N>-<rule>/``.
 
-        Holds the model, optimizer, scheduler, RNG states, quantization state, trainer state, the alert's
-        metrics and the micro-batch that triggered it (``batch.pt``). Written to a temporary name and
+        Holds the model, optimizer, scheduler, grad scaler, RNG states, quantization state, run info,
+        trainer state, the alert's metrics and the micro-batch that triggered it (``batch.pt``). Written to a temporary name and
         renamed, outside the Trainer's checkpoint rotation, keeping the last ``anomaly_keep_last``.
         """
         saved = []
@@ -180,9 +180,10 @@ class AltGradTrainer(Trainer):
             if self.args.should_save:
                 self._save(tmp)
             self._save_optimizer_and_scheduler(tmp)
+            self._save_scaler(tmp)
             self._save_rng_state(tmp)
             if self.args.should_save:
-                self.save_quant_state(tmp)
+                self._save_altgrad_state(tmp)
                 self.state.save_to_json(os.path.join(tmp, "trainer_state.json"))
                 if self._last_batch is not None:
                     torch.save({k: v.cpu() for k, v in self._last_batch.items()}, os.path.join(tmp, "batch.pt"))
@@ -427,6 +428,12 @@ class AltGradTrainer(Trainer):
         # folder; `_save_checkpoint` renames the finished checkpoint into place.
         return self._staging_root or super()._get_output_dir(trial=trial)
 
+    def _save_altgrad_state(self, folder: str) -> None:
+        """What altgrad adds to a checkpoint folder: quantization state and run info (W&B id, streaks)."""
+        self.save_quant_state(folder)
+        with open(os.path.join(folder, RUN_INFO_FILE), "w") as f:
+            json.dump(self._run_info(), f, indent=2)
+
     def _save_checkpoint(self, model, trial):
         """The Trainer's checkpoint plus altgrad's state, written atomically.
 
@@ -445,9 +452,7 @@ class AltGradTrainer(Trainer):
             super()._save_checkpoint(model, trial)
             staged = os.path.join(staging_root, name)
             if self.args.should_save:
-                self.save_quant_state(staged)
-                with open(os.path.join(staged, RUN_INFO_FILE), "w") as f:
-                    json.dump(self._run_info(), f, indent=2)
+                self._save_altgrad_state(staged)
         finally:
             self._staging_root = None
         self.accelerator.wait_for_everyone()  # every rank's RNG state is in the staging folder
