@@ -5,8 +5,12 @@ underflow, SQNR, amax, dynamic range) and reads them to the host, as the trainer
 `logging_steps`.
 
     python benchmarks/train_step.py [--device cpu|cuda] [--n-layer 4 --n-embd 128 --block 64 --batch 12]
+        [--autocast bf16|none]
 
-The shadow's cost is reported against one extra forward/backward of the plain model (its floor).
+The shadow's cost is reported against one extra forward/backward of the plain model (its floor). On
+CUDA every case runs under bf16 autocast by default, so the ratios answer the GPU goal (simulated
+`fp8_hybrid` within 1.25x of the bf16 step); a width-2048 model there: `--n-layer 4 --n-embd 2048
+--n-head 16 --block 1024 --batch 8`.
 """
 
 from __future__ import annotations
@@ -30,8 +34,14 @@ def main() -> None:
     p.add_argument("--block", type=int, default=64)
     p.add_argument("--batch", type=int, default=12)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument(
+        "--autocast", choices=["bf16", "none"], default=None,
+        help="run every case under bf16 autocast (default on CUDA, where the goal is a ratio to bf16) or not",
+    )
     args = p.parse_args()
     dev = torch.device(args.device)
+    use_autocast = (args.autocast or ("bf16" if dev.type == "cuda" else "none")) == "bf16"
+    base_name = "no recipe (bf16 autocast)" if use_autocast else "no recipe (float32)"
     cfg = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block, vocab_size=65)
     ids = torch.randint(0, 65, (args.batch, args.block), device=dev)
 
@@ -64,7 +74,8 @@ def main() -> None:
                 model.quantizer.set_collect_stats(True)
             if shadow is not None:
                 shadow.sync_from(model)
-            loss = model(input_ids=ids, labels=ids).loss
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
+                loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             if shadow is not None:
                 shadow.accumulate({"input_ids": ids, "labels": ids})
@@ -77,10 +88,12 @@ def main() -> None:
         return fn
 
     base_model, base_opt = make(None)
-    results = {"no recipe (float32)": timed(train_step(base_model, base_opt))}
+    results = {base_name: timed(train_step(base_model, base_opt))}
 
     def fwd_bwd():
-        base_model(input_ids=ids, labels=ids).loss.backward()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
+            loss = base_model(input_ids=ids, labels=ids).loss
+        loss.backward()
         base_model.zero_grad(set_to_none=True)
 
     fb = timed(fwd_bwd)
@@ -92,8 +105,11 @@ def main() -> None:
     m, o = make("fp8_hybrid")
     results["fp8_hybrid + FP32 shadow"] = timed(train_step(m, o, FP32ShadowModel(m)))
 
-    base = results["no recipe (float32)"]
-    print(f"device={dev} model={args.n_layer}x{args.n_embd} block={args.block} batch={args.batch} torch={torch.__version__}")
+    base = results[base_name]
+    print(
+        f"device={dev} model={args.n_layer}x{args.n_embd} block={args.block} batch={args.batch} "
+        f"autocast={'bf16' if use_autocast else 'none'} torch={torch.__version__}"
+    )
     for name, t in results.items():
         print(f"{name:28s} {t * 1e3:8.2f} ms/step   {t / base:5.2f}x no-recipe step")
     shadow_cost = results["no recipe + FP32 shadow"] - base

@@ -433,3 +433,21 @@ def test_cuda_fused_statistics_match_cpu(rounding):
         assert torch.equal(gpu_sums[:3].cpu(), cpu_sums[:3]), name  # amax and counts exactly
         torch.testing.assert_close(gpu_sums[3:].cpu(), cpu_sums[3:], rtol=1e-10, atol=0)
         assert dynamic_range_used(gpu_q, name).item() == dynamic_range_used(cpu_q, name).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn])
+def test_output_dtype_is_cast_in_the_pass_with_the_dtype_own_rounding(dtype):
+    from altgrad.quantization import quantize_with_amax
+
+    x = _hard_tensor(seed=5)
+    s = torch.tensor(0.37)  # not a power of two: the dequantized values need the final cast's rounding
+    assert torch.equal(quantize(x, "e4m3", s, dtype=dtype).float(), quantize(x, "e4m3", s).to(dtype).float())
+    if dtype != torch.float8_e4m3fn:  # E4M3 values divided by 0.37 are not on the E4M3 grid
+        fq = fake_quantize(x, "e4m3", s, dtype=dtype)
+        assert fq.dtype == dtype and torch.equal(fq, fake_quantize(x, "e4m3", s).to(dtype))
+    q, a = quantize_with_amax(x[8:], "e4m3", s, dtype=dtype)
+    assert q.dtype == dtype and a.item() == x[8:].abs().max().item()
+    with pytest.raises(TypeError, match="dtype must be one of"):
+        quantize(x, "e4m3", dtype=torch.int8)
+    with pytest.raises(TypeError, match="float8 outputs carry no gradient"):
+        quantize(x.clone().requires_grad_(), "e4m3", dtype=torch.float8_e4m3fn)

@@ -594,3 +594,23 @@ def test_native_fp8_writes_the_autocast_dtype_like_a_linear(monkeypatch):
     assert y.dtype == torch.bfloat16 and "NativeFP8" in type(y.grad_fn).__name__
     y.float().sum().backward()
     assert x.grad.dtype == net[0].weight.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+
+
+def test_autocast_gemm_operands_come_out_of_the_rounding_pass_in_the_autocast_dtype():
+    import torch.nn.functional as F
+
+    spec = TensorQuantSpec("E4M3", scaling="current")
+    recipe = QuantRecipe(weight=spec, activation=spec, grad_output=TensorQuantSpec("E5M2", scaling="current"))
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    net = nn.Sequential(lin)
+    q = quantize_model(net, recipe, modules=["0"])
+    x = torch.randn(8, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = net(x)
+        quantizers = q.layers[0][1].quantizers
+        xs, ws = quantizers["activation"].last_scale, quantizers["weight"].last_scale
+        # What autocast makes of float32 fake-quantized operands: its own cast to bf16, then the GEMM.
+        ref = F.linear(fake_quantize(x, "E4M3", xs), fake_quantize(lin.weight.detach(), "E4M3", ws), lin.bias)
+    assert y.dtype == ref.dtype == torch.bfloat16 and torch.equal(y, ref)
+    assert [t.dtype for t in y.grad_fn.saved_tensors] == [torch.bfloat16] * 2  # written once, at 2 bytes

@@ -138,9 +138,11 @@ def round_to_format(
     dequantize: bool,
     exact_subnormal_exponent: bool = False,
     stats: str = "none",
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Round ``x * scale`` onto the grid described by ``params``; return float32 (divided back by
-    ``scale`` when ``dequantize``). ``scale`` must broadcast against ``x``.
+    """Round ``x * scale`` onto the grid described by ``params``; return it as ``out_dtype`` (divided
+    back by ``scale`` when ``dequantize``). ``scale`` must broadcast against ``x``. The final cast is
+    part of the fused pass, so a bf16 GEMM operand or an FP8 tensor is written once, at its own width.
 
     This is the whole quantizer; the public API in :mod:`altgrad.quantization.quantize` only validates,
     reshapes and dispatches here (eagerly or compiled). Statistics come out of the same compiled
@@ -228,6 +230,8 @@ def round_to_format(
         )
     if dequantize and scale is not None:
         q = q / scale
+    if out_dtype != torch.float32:
+        q = q.to(out_dtype)
     return q if stats == "none" else (q, amax_out)
 
 
@@ -299,7 +303,7 @@ def run_compiled(fn: types.FunctionType, *args, variant: tuple = (), use_compile
 
 def run_kernel(*args, use_compile: bool | None = None) -> torch.Tensor:
     """:func:`round_to_format` through :func:`run_compiled`, one compiled variant per static flag set."""
-    variant = (args[0].dtype, *args[4:])  # rounding, saturate, dequantize, exact exponent, stats
+    variant = (args[0].dtype, *args[4:])  # rounding, saturate, dequantize, exact exponent, stats, out dtype
     return run_compiled(round_to_format, *args, variant=variant, use_compile=use_compile)
 
 

@@ -44,6 +44,8 @@ __all__ = [
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Output dtypes: x's float types, and the hardware FP8 types for values already on their grid.
+_OUT_DTYPES = _FLOAT_DTYPES + (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @functools.lru_cache(maxsize=256)
@@ -131,12 +133,14 @@ def _seeds(device: torch.device, generator: torch.Generator | None) -> torch.Ten
     return seeds.to(device, non_blocking=True)
 
 
-def _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequant, stats="none"):
+def _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequant, stats="none", dtype=None):
     _check_tensor(x)
     fmt = get_format(fmt)
     if rounding not in ROUNDING_MODES:
         raise ValueError(f"unknown rounding {rounding!r}; accepted: {list(ROUNDING_MODES)}")
-    out_dtype = x.dtype
+    out_dtype = x.dtype if dtype is None else dtype
+    if out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"dtype must be one of {', '.join(str(d) for d in _OUT_DTYPES)}, got {out_dtype}")
     if scale is not None:
         x_view, s_view = scale_views(x, scale)
     else:
@@ -154,11 +158,12 @@ def _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequant, stats=
         dequant,
         needs_exact_subnormal_exponent(fmt),
         stats,
+        out_dtype,  # cast inside the fused pass
     )
     if stats != "none":  # callers guarantee a non-empty x (amax of nothing is undefined)
         q, sums = out
-        return q.reshape(x.shape).to(out_dtype), sums
-    return out.reshape(x.shape).to(out_dtype)
+        return q.reshape(x.shape), sums
+    return out.reshape(x.shape)
 
 
 def quantize_with_amax(
@@ -169,6 +174,7 @@ def quantize_with_amax(
     saturate: bool = True,
     generator: torch.Generator | None = None,
     dequantize: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize` (or :func:`fake_quantize` with ``dequantize=True``) that also returns
     ``max |x|`` from the same fused pass: what delayed scaling records after using a known scale.
@@ -180,8 +186,9 @@ def quantize_with_amax(
         ([0.625, -10.0], 5.0)
     """
     if x.numel() == 0:
-        return _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequantize), torch.zeros((), device=x.device)
-    return _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequantize, stats="amax")
+        q = _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequantize, dtype=dtype)
+        return q, torch.zeros((), device=x.device)
+    return _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequantize, stats="amax", dtype=dtype)
 
 
 def stats_from_sums(sums: torch.Tensor, numel: int) -> dict[str, torch.Tensor]:
@@ -208,6 +215,7 @@ def quantize_with_stats(
     saturate: bool = True,
     generator: torch.Generator | None = None,
     dequantize: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`quantize` (or :func:`fake_quantize` with ``dequantize=True``) plus what the rounding did,
     reduced inside the same fused pass: no second read of ``x``, no host synchronisation.
@@ -227,7 +235,7 @@ def quantize_with_stats(
         >>> q.tolist(), s["overflow_rate"].item(), s["underflow_rate"].item()
         ([0.0, 1.0, 448.0, 0.0], 0.25, 0.25)
     """
-    q, sums = quantize_with_sums(x, fmt, scale, rounding, saturate, generator, dequantize)
+    q, sums = quantize_with_sums(x, fmt, scale, rounding, saturate, generator, dequantize, dtype)
     return q, stats_from_sums(sums, x.numel())
 
 
@@ -239,6 +247,7 @@ def quantize_with_sums(
     saturate: bool = True,
     generator: torch.Generator | None = None,
     dequantize: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The raw form of :func:`quantize_with_stats`: ``(q, sums)`` with ``sums`` a float64 vector laid
     out as ``STATS_FIELDS`` (amax, overflow count, underflow count, signal energy, noise energy).
@@ -251,19 +260,19 @@ def quantize_with_sums(
         [1000.0, 1.0, 1.0]
     """
     if x.numel() == 0:
-        q = _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequantize)
+        q = _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequantize, dtype=dtype)
         return q, torch.zeros(len(STATS_FIELDS), dtype=torch.float64, device=x.device)
-    return _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequantize, stats="full")
+    return _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequantize, stats="full", dtype=dtype)
 
 
 class _QuantizeSTE(torch.autograd.Function):
     """Straight-through estimator: rounding is treated as identity in the backward pass."""
 
     @staticmethod
-    def forward(ctx, x, fmt, scale, rounding, saturate, generator, dequant):
+    def forward(ctx, x, fmt, scale, rounding, saturate, generator, dequant, dtype):
         ctx.save_for_backward(scale if (scale is not None and not dequant) else None)
         ctx.dequant = dequant
-        return _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequant)
+        return _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequant, dtype=dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -272,15 +281,17 @@ class _QuantizeSTE(torch.autograd.Function):
             # d(x * scale)/dx = scale, broadcast over the tile each scale covers.
             x_view, s_view = scale_views(grad, scale)
             grad = (x_view * s_view.to(grad.dtype)).reshape(grad.shape)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
-def _dispatch(x, fmt, scale, rounding, saturate, generator, dequant):
+def _dispatch(x, fmt, scale, rounding, saturate, generator, dequant, dtype):
     if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
+        if dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise TypeError("float8 outputs carry no gradient: quantize a detached tensor or under torch.no_grad()")
         if isinstance(scale, torch.Tensor) and scale.requires_grad:
             scale = scale.detach()
-        return _QuantizeSTE.apply(x, fmt, scale, rounding, saturate, generator, dequant)
-    return _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequant)
+        return _QuantizeSTE.apply(x, fmt, scale, rounding, saturate, generator, dequant, dtype)
+    return _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequant, dtype=dtype)
 
 
 def quantize(
@@ -290,8 +301,9 @@ def quantize(
     rounding: str = "nearest",
     saturate: bool = True,
     generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Round ``x * scale`` onto ``fmt``'s grid; same shape, dtype and device as ``x``.
+    """Round ``x * scale`` onto ``fmt``'s grid; same shape and device as ``x``, dtype ``x``'s unless given.
 
     Args:
         x: float32, bfloat16 or float16 tensor, any shape, contiguous or not.
@@ -304,6 +316,8 @@ def quantize(
             format's own overflow result: inf for IEEE-like formats, NaN for FN/FNUZ formats, max for
             formats with neither.
         generator: torch generator for stochastic rounding.
+        dtype: output dtype (default: x's): float32, bfloat16, float16, or ``torch.float8_e4m3fn`` /
+            ``torch.float8_e5m2`` for E4M3/E5M2 values (no gradient). Cast in the same fused pass.
 
     Values are returned on the grid in ``x``'s dtype; values the format holds but ``x``'s dtype does not
     (e.g. 2**32 for E6M1 with a float16 input) follow that dtype's own cast. Subnormals of the format are
@@ -315,7 +329,7 @@ def quantize(
         >>> quantize(torch.tensor([500.0]), "e4m3", saturate=False)
         tensor([nan])
     """
-    return _dispatch(x, fmt, scale, rounding, saturate, generator, dequant=False)
+    return _dispatch(x, fmt, scale, rounding, saturate, generator, dequant=False, dtype=dtype)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -340,12 +354,14 @@ def fake_quantize(
     rounding: str = "nearest",
     saturate: bool = True,
     generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``dequantize(quantize(x, fmt, scale, ...), scale)`` in one fused pass: x's values as the format
-    would carry them, back in x's units. Gradient is straight-through.
+    would carry them, back in x's units. Gradient is straight-through. ``dtype`` as in :func:`quantize`
+    (e.g. ``torch.bfloat16`` to feed a bf16 GEMM straight from the pass).
 
     Example:
         >>> fake_quantize(torch.tensor([1000.0]), "e5m2", scale=torch.tensor(0.5))
         tensor([1024.])
     """
-    return _dispatch(x, fmt, scale, rounding, saturate, generator, dequant=True)
+    return _dispatch(x, fmt, scale, rounding, saturate, generator, dequant=True, dtype=dtype)

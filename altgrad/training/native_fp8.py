@@ -89,13 +89,13 @@ def _to_fp8(t: torch.Tensor, quantizer, record: bool) -> tuple[torch.Tensor, tor
     """Quantize exactly as the simulated path does (same scale, rounding, saturation and statistics),
     then store in the hardware dtype. Returns the FP8 tensor and the *dequantization* scale (1 /
     altgrad's multiplier), float32, 0-d."""
-    q, scale = quantizer.quantize(t, record)
+    q, scale = quantizer.quantize(t, record, dtype=FP8_DTYPES[quantizer.spec.format])  # cast in the pass
     if scale is None:
         inv = torch.ones((), device=t.device)
     else:  # per tensor: 0-d; per row: (rows, 1)
         inv = 1.0 / scale.float()
         inv = inv.reshape(()) if inv.numel() == 1 else inv.reshape(-1, 1)
-    return q.to(FP8_DTYPES[quantizer.spec.format]), inv
+    return q, inv
 
 
 def _gemm(a8, inv_a, b8, inv_b_rows, out_dtype):

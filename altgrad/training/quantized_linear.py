@@ -139,35 +139,41 @@ class TensorQuantizer:
         return scale
 
     # ------------------------------------------------------------------ quantize
-    def _round(self, x: torch.Tensor, record: bool, dequant: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _round(
+        self, x: torch.Tensor, record: bool, dequant: bool, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         spec = self.spec
         scale = self.scale_for(x, record)
         kwargs = dict(rounding=spec.rounding, saturate=spec.saturate)
         current = None  # this call's amax, when the rounding pass produced it
         if record and self.collect_stats and x.numel():
             # A logged step: the rounding pass also reduces overflow, underflow, SQNR and amax.
-            q, sums = quantize_with_sums(x, spec.format, scale, **kwargs)
+            q, sums = quantize_with_sums(x, spec.format, scale, dtype=None if dequant else dtype, **kwargs)
             current = sums[0].to(torch.float32)
             self._accumulate(sums, q, scale)
             if dequant:
-                q = dequantize(q, scale)
+                q = dequantize(q, scale).to(dtype or x.dtype)
         elif record and self.history is not None and x.numel():
             # Delayed scaling knows its scale before the pass, so this step's amax comes out of the
             # same fused kernel that rounds x (no extra reduction over x).
-            q, current = quantize_with_amax(x, spec.format, scale, dequantize=dequant, **kwargs)
+            q, current = quantize_with_amax(x, spec.format, scale, dequantize=dequant, dtype=dtype, **kwargs)
         else:
-            q = (fake_quantize if dequant else quantize)(x, spec.format, scale, **kwargs)
+            q = (fake_quantize if dequant else quantize)(x, spec.format, scale, dtype=dtype, **kwargs)
         if self.history is not None and current is not None:
             self._step_amax = current if self._step_amax is None else torch.maximum(self._step_amax, current)
         return q, scale
 
-    def quantize(self, x: torch.Tensor, record: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(q, scale)``: ``x * scale`` on the format's grid; statistics recorded when collecting."""
-        return self._round(x, record, dequant=False)
+    def quantize(
+        self, x: torch.Tensor, record: bool = True, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(q, scale)``: ``x * scale`` on the format's grid (as ``dtype``, default x's); statistics
+        recorded when collecting."""
+        return self._round(x, record, dequant=False, dtype=dtype)
 
-    def __call__(self, x: torch.Tensor, record: bool = True) -> torch.Tensor:
-        """Fake-quantize ``x`` (quantize, then divide the scale back out) in one fused pass."""
-        return self._round(x, record, dequant=True)[0]
+    def __call__(self, x: torch.Tensor, record: bool = True, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Fake-quantize ``x`` (quantize, then divide the scale back out) in one fused pass, written as
+        ``dtype`` (default x's)."""
+        return self._round(x, record, dequant=True, dtype=dtype)[0]
 
     def _accumulate(self, sums: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None) -> None:
         scale_mean = torch.ones((), device=q.device) if scale is None else scale.detach().float().mean()
@@ -220,8 +226,12 @@ class _QuantizedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layer: "QuantLinear"):
         record = layer.training  # evaluation quantizes with the current scales and records nothing
-        xq = layer.quantizers["activation"](x, record) if "activation" in layer.quantizers else x
-        wq = layer.quantizers["weight"](weight, record) if "weight" in layer.quantizers else weight
+        # Under autocast the GEMM runs in the autocast dtype: the fused pass writes its operands in that
+        # dtype directly (the values autocast's own cast would give, one pass and half the bytes fewer).
+        device_type = x.device.type
+        gemm_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        xq = layer.quantizers["activation"](x, record, gemm_dtype) if "activation" in layer.quantizers else x
+        wq = layer.quantizers["weight"](weight, record, gemm_dtype) if "weight" in layer.quantizers else weight
         ctx.save_for_backward(xq, wq)
         ctx.layer = layer
         ctx.has_bias = bias is not None
