@@ -78,7 +78,8 @@ def main() -> None:
         quantizer = quantize_model(model, recipe)
         if recipe is native_recipe:
             x = torch.empty(args.batch, args.block, args.n_embd, device=dev)
-            fallbacks = [n for n, layer in quantizer.layers if native_fp8_unsupported_reason(layer, x)]
+            with torch.autocast(dev.type, dtype=torch.bfloat16):  # as in the timed steps
+                fallbacks = [n for n, layer in quantizer.layers if native_fp8_unsupported_reason(layer, x)]
             print(f"native_fp8: {len(quantizer.layers) - len(fallbacks)} of {len(quantizer.layers)} layers on FP8 GEMMs")
         results[name] = run(model)
     try:

@@ -74,6 +74,9 @@ def main() -> None:
         "fake_quantize e2m1 MX 1x32 blocks": lambda: fake_quantize(
             x2d, "e2m1", compute_scale(amax(x2d, Granularity.per_block(32)), "e2m1", power_of_two=True)
         ),
+        "fake_quantize e4m3 -> bf16 in the pass": lambda: fake_quantize(x, "e4m3", scale1, dtype=torch.bfloat16),
+        "fake_quantize e4m3, then .to(bf16)": lambda: fake_quantize(x, "e4m3", scale1).to(torch.bfloat16),
+        "quantize e4m3 -> float8_e4m3fn in the pass": lambda: quantize(x, "e4m3", scale1, dtype=torch.float8_e4m3fn),
         "fused amax: quantize_with_amax e4m3": lambda: quantize_with_amax(x, "e4m3", scale1),
         "fused stats: quantize_with_stats e4m3": lambda: quantize_with_stats(x, "e4m3", scale1),
         "separate: quantize + stats recount": lambda: _separate_stats(x, scale1),

@@ -451,3 +451,14 @@ def test_output_dtype_is_cast_in_the_pass_with_the_dtype_own_rounding(dtype):
         quantize(x, "e4m3", dtype=torch.int8)
     with pytest.raises(TypeError, match="float8 outputs carry no gradient"):
         quantize(x.clone().requires_grad_(), "e4m3", dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="holds E4M3 values"):
+        quantize(x, "e5m2", dtype=torch.float8_e4m3fn)  # would round a second time, to the wrong grid
+    with pytest.raises(ValueError, match="not fake-quantize"):
+        fake_quantize(x, "e4m3", s, dtype=torch.float8_e4m3fn)
+
+
+def test_float8_output_keeps_e5m2_infinities_when_not_saturating():
+    x = torch.tensor([1.0, float("inf"), -1e6, 0.3, float("nan")])
+    q = quantize(x, "e5m2", saturate=False, dtype=torch.float8_e5m2).float()
+    assert q[:4].tolist() == [1.0, math.inf, -math.inf, 0.3125] and math.isnan(q[4])
+    assert quantize(x, "e5m2", dtype=torch.float8_e5m2).float()[1:3].tolist() == [57344.0, -57344.0]

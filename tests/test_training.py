@@ -614,3 +614,17 @@ def test_autocast_gemm_operands_come_out_of_the_rounding_pass_in_the_autocast_dt
         ref = F.linear(fake_quantize(x, "E4M3", xs), fake_quantize(lin.weight.detach(), "E4M3", ws), lin.bias)
     assert y.dtype == ref.dtype == torch.bfloat16 and torch.equal(y, ref)
     assert [t.dtype for t in y.grad_fn.saved_tensors] == [torch.bfloat16] * 2  # written once, at 2 bytes
+
+
+@pytest.mark.parametrize("fmt", ["E6M1", "BF16"])
+def test_logged_steps_fake_quantize_half_precision_inputs_like_ordinary_steps(fmt):
+    # x * scale can exceed float16's range for wide formats; only the final result is cast to x's dtype.
+    from altgrad.training.quantized_linear import TensorQuantizer
+
+    quantizer = TensorQuantizer(TensorQuantSpec(fmt, scaling="current"))
+    x = torch.randn(64, dtype=torch.float16)
+    ordinary = quantizer(x)
+    quantizer.collect_stats = True
+    logged = quantizer(x)
+    assert torch.isfinite(ordinary).all() and torch.equal(ordinary, logged)
+    assert quantizer.pop_stats()["overflow_rate"].item() == 0.0

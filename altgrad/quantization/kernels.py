@@ -150,8 +150,8 @@ def round_to_format(
 
     - ``stats="amax"``: ``s`` is ``max |x|`` (before scaling, NaN-propagating), for delayed scaling.
     - ``stats="full"``: ``s`` is a float64 vector laid out as :data:`STATS_FIELDS`: the amax; how many
-      finite scaled values exceed ``max_value`` (infinities included); how many nonzero values became
-      zero; and the signal and noise energies ``sum(xs^2)``, ``sum((xs - q)^2)`` over finite lanes
+      scaled values have a magnitude above ``max_value`` (infinities included, NaN not); how many
+      nonzero values became zero; and the signal and noise energies ``sum(xs^2)``, ``sum((xs - q)^2)`` over finite lanes
       (float64 sums, as in :func:`~altgrad.quantization.diagnostics.quantization_stats`).
     """
     xf = x.to(torch.float32)

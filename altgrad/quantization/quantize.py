@@ -45,7 +45,8 @@ __all__ = [
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Output dtypes: x's float types, and the hardware FP8 types for values already on their grid.
-_OUT_DTYPES = _FLOAT_DTYPES + (torch.float8_e4m3fn, torch.float8_e5m2)
+_FP8_FORMAT_OF = {torch.float8_e4m3fn: "E4M3", torch.float8_e5m2: "E5M2"}
+_OUT_DTYPES = _FLOAT_DTYPES + tuple(_FP8_FORMAT_OF)
 
 
 @functools.lru_cache(maxsize=256)
@@ -141,6 +142,17 @@ def _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequant, stats=
     out_dtype = x.dtype if dtype is None else dtype
     if out_dtype not in _OUT_DTYPES:
         raise TypeError(f"dtype must be one of {', '.join(str(d) for d in _OUT_DTYPES)}, got {out_dtype}")
+    cast_after = None
+    if out_dtype in _FP8_FORMAT_OF:
+        if dequant or fmt != get_format(_FP8_FORMAT_OF[out_dtype]):
+            raise ValueError(
+                f"dtype={out_dtype} holds {_FP8_FORMAT_OF[out_dtype]} values: use it to quantize (not fake-quantize) "
+                f"into that format, got {'fake_quantize' if dequant else 'quantize'} into {fmt.name}"
+            )
+        if not saturate:
+            # Compiled (Triton) float8 casts saturate, which would turn E5M2's infinities into +-max:
+            # a non-saturating cast runs after the pass instead.
+            out_dtype, cast_after = torch.float32, out_dtype
     if scale is not None:
         x_view, s_view = scale_views(x, scale)
     else:
@@ -160,10 +172,9 @@ def _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequant, stats=
         stats,
         out_dtype,  # cast inside the fused pass
     )
-    if stats != "none":  # callers guarantee a non-empty x (amax of nothing is undefined)
-        q, sums = out
-        return q.reshape(x.shape), sums
-    return out.reshape(x.shape)
+    q, sums = out if stats != "none" else (out, None)  # with stats, callers guarantee a non-empty x
+    q = q.reshape(x.shape) if cast_after is None else q.reshape(x.shape).to(cast_after)
+    return q if sums is None else (q, sums)
 
 
 def quantize_with_amax(
@@ -224,7 +235,7 @@ def quantize_with_stats(
     the rounded ``q`` actually returned (stochastic rounding included):
 
     - ``overflow_rate``: share of elements with ``|xs| > max_value`` (infinities included, NaN not);
-    - ``underflow_rate``: share of nonzero elements that became zero;
+    - ``underflow_rate``: share of elements that were nonzero and became zero;
     - ``sqnr_db``: ``10 log10(sum xs^2 / sum (xs - q)^2)`` over finite values (inf when exact);
     - ``amax``: ``max |x|`` before scaling (NaN if x has a NaN).
 
@@ -317,7 +328,8 @@ def quantize(
             formats with neither.
         generator: torch generator for stochastic rounding.
         dtype: output dtype (default: x's): float32, bfloat16, float16, or ``torch.float8_e4m3fn`` /
-            ``torch.float8_e5m2`` for E4M3/E5M2 values (no gradient). Cast in the same fused pass.
+            ``torch.float8_e5m2`` when quantizing into E4M3/E5M2 themselves (no gradient). Cast in
+            the same fused pass.
 
     Values are returned on the grid in ``x``'s dtype; values the format holds but ``x``'s dtype does not
     (e.g. 2**32 for E6M1 with a float16 input) follow that dtype's own cast. Subnormals of the format are

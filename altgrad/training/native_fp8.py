@@ -73,10 +73,15 @@ def native_fp8_unsupported_reason(layer, x: torch.Tensor) -> str | None:
         fmt["grad_output"] == fmt["activation"] == "E5M2"
     ):
         return "E5M2 x E5M2 GEMMs have no FP8 kernel (use E4M3 for weights/activations, e.g. fp8_hybrid)"
-    rowwise = any(layer.quantizers[r].spec.granularity == "row" for r in ("activation", "weight"))
-    if rowwise and x.device.type == "cuda" and _output_dtype(x) == torch.float32:
-        if torch.cuda.get_device_capability(x.device) != (9, 0):
-            return "per-row FP8 GEMMs write bf16/fp16 only on this GPU (run under bf16 autocast)"
+    rowwise = any(layer.quantizers[r].spec.granularity == "row" for r in _ROLES)
+    if rowwise and x.device.type == "cuda":
+        # CUDA's per-row FP8 kernel (CUTLASS; cuBLAS only on sm90 with cuBLAS >= 12.9) writes bf16/fp16
+        # and wants E4M3 as its second operand, which is W in the forward and input-gradient GEMMs.
+        # Conservative: those requirements everywhere.
+        if _output_dtype(x) not in (torch.bfloat16, torch.float16):
+            return "per-row FP8 GEMMs write bf16/fp16 only (run under bf16 autocast)"
+        if fmt["weight"] != "E4M3":
+            return "per-row FP8 GEMMs need E4M3 weights"
     tokens = x.numel() // x.shape[-1] if x.dim() else 0
     dims = {"in_features": layer.in_features, "out_features": layer.out_features, "tokens (batch x seq)": tokens}
     odd = [f"{k}={v}" for k, v in dims.items() if v % 16]
@@ -108,7 +113,11 @@ def _gemm(a8, inv_a, b8, inv_b_rows, out_dtype):
     if inv_a.dim() or inv_b_rows.dim():  # per-row on either side: both as rowwise scales
         inv_a = inv_a.reshape(-1, 1).expand(a8.shape[0], 1).contiguous()
         inv_b_rows = inv_b_rows.reshape(1, -1).expand(1, b8.shape[0]).contiguous()
-    return torch._scaled_mm(a8, b8.t(), scale_a=inv_a, scale_b=inv_b_rows, out_dtype=out_dtype)
+    # CUDA needs `a` row-major and `b` column-major; contiguous() is free when they already are (a
+    # per-row quantized transposed input keeps its column-major order).
+    return torch._scaled_mm(
+        a8.contiguous(), b8.contiguous().t(), scale_a=inv_a, scale_b=inv_b_rows, out_dtype=out_dtype
+    )
 
 
 def _dequantized_gemm(a8, inv_a, b8, inv_b, out_dtype):

@@ -148,7 +148,9 @@ class TensorQuantizer:
         current = None  # this call's amax, when the rounding pass produced it
         if record and self.collect_stats and x.numel():
             # A logged step: the rounding pass also reduces overflow, underflow, SQNR and amax.
-            q, sums = quantize_with_sums(x, spec.format, scale, dtype=None if dequant else dtype, **kwargs)
+            # Fake-quantizing: q stays float32 (format units) until the scale is divided back out, as in
+            # the fused path; a narrow x dtype could not hold x * scale.
+            q, sums = quantize_with_sums(x, spec.format, scale, dtype=torch.float32 if dequant else dtype, **kwargs)
             current = sums[0].to(torch.float32)
             self._accumulate(sums, q, scale)
             if dequant:
@@ -191,7 +193,8 @@ class TensorQuantizer:
         """Statistics since the last call (on-device 0-d tensors), then reset.
 
         Rates pool every collected call (overflowing elements / elements seen), SQNR pools their
-        energies (capped at ``SQNR_CAP_DB`` for exactly carried tensors), amax is a max, and
+        energies in the format's units, ``x * scale`` (so with current scaling a call weighs by its
+        scale squared; capped at ``SQNR_CAP_DB`` for exactly carried tensors), amax is a max, and
         ``dynamic_range_used`` and ``scale`` are means over the calls.
         """
         if not self._stat_count:
