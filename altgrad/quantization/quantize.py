@@ -157,6 +157,13 @@ def _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequant, stats=
         x_view, s_view = scale_views(x, scale)
     else:
         x_view, s_view = x.reshape(-1), None
+    if stats != "none" and x.numel() == 0:  # nothing to reduce: an empty tensor's statistics are zeros
+        zeros = (
+            torch.zeros((), device=x.device)
+            if stats == "amax"
+            else torch.zeros(len(STATS_FIELDS), dtype=torch.float64, device=x.device)
+        )
+        return x.detach().to(dtype or x.dtype), zeros
     seeds = _seeds(x.device, generator) if rounding == "stochastic" else None
     # detach(): the kernel never needs autograd history, and a plain tensor (not a view with a `_base`)
     # keeps torch.compile's guards on shapes only.
@@ -172,7 +179,7 @@ def _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequant, stats=
         stats,
         out_dtype,  # cast inside the fused pass
     )
-    q, sums = out if stats != "none" else (out, None)  # with stats, callers guarantee a non-empty x
+    q, sums = out if stats != "none" else (out, None)
     q = q.reshape(x.shape) if cast_after is None else q.reshape(x.shape).to(cast_after)
     return q if sums is None else (q, sums)
 
@@ -196,9 +203,6 @@ def quantize_with_amax(
         >>> q.tolist(), a.item()
         ([0.625, -10.0], 5.0)
     """
-    if x.numel() == 0:
-        q = _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequantize, dtype=dtype)
-        return q, torch.zeros((), device=x.device)
     return _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequantize, stats="amax", dtype=dtype)
 
 
@@ -270,9 +274,6 @@ def quantize_with_sums(
         >>> sums[:3].tolist()
         [1000.0, 1.0, 1.0]
     """
-    if x.numel() == 0:
-        q = _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequantize, dtype=dtype)
-        return q, torch.zeros(len(STATS_FIELDS), dtype=torch.float64, device=x.device)
     return _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequantize, stats="full", dtype=dtype)
 
 
