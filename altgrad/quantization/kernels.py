@@ -36,7 +36,6 @@ from altgrad.quantization.formats import FloatFormat, Special
 logger = logging.getLogger(__name__)
 
 ROUNDING_MODES = ("nearest", "stochastic", "zero")
-STATS_LEVELS = ("none", "amax", "full")
 # Layout of the float64 vector that ``stats="full"`` returns.
 STATS_FIELDS = ("amax", "overflow_count", "underflow_count", "signal_energy", "noise_energy")
 
