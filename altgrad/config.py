@@ -23,9 +23,10 @@ An experiment has five sections::
     monitoring:    # altgrad.monitoring.MonitoringConfig fields
       overflow_threshold: 0.01
 
-Everything is validated before any work starts: unknown keys (at any level) fail with the list of
-valid keys, values are checked against the dataclass field types, and impossible combinations
-(``n_embd % n_head != 0``, an unknown recipe preset, ...) fail with a one-line ``ValueError``.
+Everything is validated before any work starts: unknown keys (at any level) fail naming the closest
+valid keys (and all of them, for the small sections), values are checked against the dataclass field
+types, and impossible combinations (``n_embd % n_head != 0``, an unknown recipe preset, ...) fail with
+a one-line ``ValueError``.
 
 Example:
     >>> cfg = load_config(None, ["model.n_layer=2", "training.max_steps=200"])
@@ -167,17 +168,21 @@ class TrainingSection:
     # altgrad keys for W&B: project (WANDB_PROJECT) and run tags.
     project: str = "altgrad"
     tags: list = field(default_factory=list)
+    # altgrad key: torch threads per process when training on the CPU. null: what the user gave the
+    # launcher (--num_cpu_threads_per_process, OMP_NUM_THREADS), else the cores divided among the local
+    # processes (accelerate's own default, one thread, leaves cores idle). See altgrad/cpu_threads.py.
+    cpu_threads: Union[int, None] = None
     # Other TrainingArguments fields given in the YAML (validated against TrainingArguments).
     extra: dict = field(default_factory=dict)
 
     #: Keys that are not TrainingArguments fields (consumed by altgrad itself).
-    ALTGRAD_KEYS: typing.ClassVar[tuple[str, ...]] = ("min_lr", "resume_from_checkpoint", "project", "tags")
+    ALTGRAD_KEYS: typing.ClassVar[tuple[str, ...]] = ("min_lr", "resume_from_checkpoint", "project", "tags", "cpu_threads")
     #: TrainingArguments fields altgrad sets itself; a user value would be silently overridden or break the run.
     RESERVED: typing.ClassVar[tuple[str, ...]] = ("eval_strategy", "save_strategy", "logging_strategy", "do_train", "do_eval")
 
     def validate(self) -> None:
         positive = ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "eval_steps", "logging_steps")
-        for name in positive + ("per_device_eval_batch_size", "save_steps", "save_total_limit"):
+        for name in positive + ("per_device_eval_batch_size", "save_steps", "save_total_limit", "cpu_threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"training.{name}={value} must be >= 1")
@@ -431,15 +436,35 @@ def _training_section(values: dict[str, Any]) -> TrainingSection:
     return TrainingSection(**ours, extra=extra)
 
 
+#: What a section accepts, for unknown-key messages whose full list of valid keys would be too long to
+#: read (TrainingArguments alone has over a hundred fields).
+_SECTION_SUMMARY = {
+    "training": "training accepts any transformers.TrainingArguments field plus "
+    + ", ".join(TrainingSection.ALTGRAD_KEYS),
+    "monitoring": "monitoring accepts the altgrad.monitoring.MonitoringConfig fields (see altgrad/monitoring/config.py)",
+    "data": "data accepts the altgrad.data.DataConfig fields (see altgrad/data/config.py)",
+}
+#: Longest unknown-key message that still lists every valid key; longer ones name the closest keys instead.
+_MAX_KEY_MESSAGE = 300
+
+
 def _reject_unknown(values: Mapping[str, Any], valid: typing.Iterable[str], where: str) -> None:
+    """ValueError naming the first key of ``values`` not in ``valid``, the closest valid keys, and the
+    full list of valid keys when that keeps the message short (one readable line)."""
     valid = list(valid)
     for key in values:
         if key not in valid:
             dotted = key if where == "the top level" else f"{where}.{key}"
             scope = "at the top level" if where == "the top level" else f"in {where!r}"
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown key {dotted!r}{hint}; valid keys {scope} are: {', '.join(valid)}")
+            close = [repr(c) for c in difflib.get_close_matches(str(key), valid, n=3)]
+            hint = ""
+            if close:
+                hint = f" (did you mean {close[0] if len(close) == 1 else ', '.join(close[:-1]) + ' or ' + close[-1]}?)"
+            message = f"unknown key {dotted!r}{hint}; valid keys {scope} are: {', '.join(valid)}"
+            if len(message) > _MAX_KEY_MESSAGE:
+                summary = _SECTION_SUMMARY.get(where, f"see the {where!r} section in altgrad/config.py for its keys")
+                message = f"unknown key {dotted!r}{hint}; {summary}"
+            raise ValueError(message)
 
 
 _HINTS: dict[type, dict[str, Any]] = {}

@@ -11,15 +11,16 @@ Example (the E5M2-vs-BF16 experiment)::
 
 What is read from each RUN_DIR (a ``training.output_dir`` of recipes/train.py):
 
-* ``trainer_state.json`` -- the Trainer's ``log_history`` (every logged metric by step). Taken from
-  the run directory, else from its latest ``checkpoint-*`` (a run that was stopped early).
+* ``metrics.jsonl`` -- every logged dict by step, per-layer metrics included. Without it (runs from
+  before it existed), ``trainer_state.json``'s ``log_history``, from the run directory or else from its
+  latest ``checkpoint-*`` (a run that was stopped early).
 * ``experiment_config.yaml`` -- the resolved experiment; runs whose configs differ only in seeds
   (and output_dir/run_name/tags) form a group, reported as mean +- standard deviation over seeds.
 * ``alerts.jsonl`` -- stability alerts (counted by level; the first few are listed).
 * W&B offline runs, ``RUN_DIR/wandb/offline-run-*/run-*.wandb`` (or RUN_DIR being such a folder):
   the binary transaction log is decoded with wandb's protobuf records (history rows and the
   config, including the ``experiment`` key train.py uploads). It is used only when
-  ``trainer_state.json`` is missing. ``files/wandb-summary.json`` (online runs, synced copies) is
+  both of those are missing. ``files/wandb-summary.json`` (online runs, synced copies) is
   used for final values in that case too. Media, artifacts and system metrics are not read.
 
 Verdict: PASS when val loss <= (1 + tol) x the baseline's, mean shadow cosine similarity > cos-sim-min,
@@ -44,6 +45,7 @@ from typing import Any
 
 import yaml
 
+from altgrad.monitoring import metrics as M
 from altgrad.monitoring.wandb_offline import find_run_dirs, read_offline_run
 from altgrad.training.recipe import QuantRecipe
 from altgrad.training.trainer import perplexity
@@ -54,10 +56,10 @@ SEED_KEYS = {("training", "seed"), ("data", "seed")}
 IGNORED_KEYS = {("training", "output_dir"), ("training", "run_name"), ("training", "tags"),
                 ("training", "resume_from_checkpoint"), ("training", "logging_dir")}
 
-COS_SIM = "grad_cos_sim/mean"
-BIT_STALL = "quantization/bit_stall_rate"
-OVERFLOW = "quantization/overflow_rate"
-BIT_STALL_LAYER = "quantization/bit_stall/"
+COS_SIM = M.COS_SIM_MEAN
+BIT_STALL = M.BIT_STALL_RATE
+OVERFLOW = M.OVERFLOW_RATE
+BIT_STALL_LAYER = M.BIT_STALL_LAYER_PREFIX
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -101,8 +103,13 @@ def load_run(path: str | Path) -> Run:
         raise ValueError(f"{str(path)!r} is not a directory")
     run = Run(name=path.name, path=path)
 
+    metrics_file = path / M.METRICS_FILENAME
     state_file = _trainer_state_file(path)
-    if state_file is not None:
+    if metrics_file.is_file():
+        # Every logged dict, per-layer metrics included (trainer_state.json keeps only summaries).
+        run.log_history = M.read_metrics(metrics_file)
+        run.sources.append(metrics_file.name)
+    elif state_file is not None:
         run.log_history = json.loads(state_file.read_text()).get("log_history", [])
         run.sources.append(str(state_file.relative_to(path)))
 
@@ -135,7 +142,7 @@ def load_run(path: str | Path) -> Run:
 
     if not run.log_history:
         raise ValueError(
-            f"{str(path)!r} holds no trainer_state.json (also not in checkpoint-*) and no readable "
+            f"{str(path)!r} holds no metrics.jsonl or trainer_state.json (also not in checkpoint-*) and no readable "
             "W&B offline run: is it a training.output_dir of recipes/train.py?"
         )
     return run
@@ -181,9 +188,9 @@ def _trainer_key(key: str) -> str:
 @dataclass
 class Thresholds:
     val_loss_tol: float = 0.10
-    cos_sim_min: float = 0.9
-    bit_stall_max: float = 0.5
-    overflow_max: float = 0.01
+    cos_sim_min: float = M.DEFAULT_THRESHOLDS["cos_sim_floor"]
+    bit_stall_max: float = M.DEFAULT_THRESHOLDS["bit_stall"]
+    overflow_max: float = M.DEFAULT_THRESHOLDS["overflow"]
 
 
 def stores_quantized_weights(config: dict | None) -> bool | None:
@@ -443,9 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", required=True, metavar="RUN_DIR", help="the reference run (added if not listed)")
     parser.add_argument("--out", required=True, metavar="REPORT_DIR", help="where report.md and the PNGs go")
     parser.add_argument("--val-loss-tol", type=float, default=0.10, help="allowed relative val-loss excess (default 0.10)")
-    parser.add_argument("--cos-sim-min", type=float, default=0.9, help="mean shadow cosine similarity floor (default 0.9)")
-    parser.add_argument("--bit-stall-max", type=float, default=0.5, help="mean bit-stall rate ceiling (default 0.5)")
-    parser.add_argument("--overflow-max", type=float, default=0.01, help="max overflow rate ceiling (default 0.01)")
+    parser.add_argument("--cos-sim-min", type=float, default=Thresholds.cos_sim_min, help="mean shadow cosine similarity floor (default %(default)s)")
+    parser.add_argument("--bit-stall-max", type=float, default=Thresholds.bit_stall_max, help="mean bit-stall rate ceiling (default %(default)s)")
+    parser.add_argument("--overflow-max", type=float, default=Thresholds.overflow_max, help="max overflow rate ceiling (default %(default)s)")
     parser.add_argument("--fail-on-investigate", action="store_true", help="exit 1 if any run is INVESTIGATE")
     args = parser.parse_args(argv)
 

@@ -69,6 +69,23 @@ def main(argv: list[str] | None = None) -> int:
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    finally:
+        _shutdown_distributed()
+
+
+def _shutdown_distributed() -> None:
+    """Tear the process group down before the interpreter does.
+
+    Left to interpreter exit, gloo's worker threads can outlive the objects they use, and a rank that
+    trained and saved then dies with SIGABRT ("terminate called without an active exception").
+    `destroy_process_group` joins them while everything is still alive.
+    """
+    if "torch" not in sys.modules:  # --help, or an error before torch was imported
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _one_line(e: BaseException) -> str:
@@ -86,11 +103,20 @@ def run(config_path: str, overrides: list[str]) -> int:
     except ValueError as e:
         # Only setup errors are the user's to fix in the config: one line, no traceback.
         raise SetupError(_one_line(e)) from None
+    # Only now is the run known to start: until here an existing output_dir (an earlier run's config,
+    # alerts, W&B files) is left exactly as it was, so a typo cannot overwrite a finished run's record.
+    try:
+        _start_run_record(cfg, training_args)
+    except OSError as e:
+        raise SetupError(f"cannot write to training.output_dir={training_args.output_dir}: {e.strerror or e}") from None
     return train(cfg, training_args, data, trainer, checkpoint)
 
 
 def setup(config_path: str, overrides: list[str]):
-    """Config -> TrainingArguments -> seed -> data. Raises ValueError on any config/data problem."""
+    """Config -> TrainingArguments -> seed -> data. Raises ValueError on any config/data problem.
+
+    Writes nothing into the output directory (see :func:`_start_run_record`).
+    """
     # Imports after argument parsing so `--help` is instant.
     from transformers import set_seed
 
@@ -101,13 +127,16 @@ def setup(config_path: str, overrides: list[str]):
     training_args = cfg.training_arguments()
     is_main = training_args.process_index == 0
     world_size = training_args.world_size
+    threads = ""
+    if training_args.device.type == "cpu":
+        from altgrad.cpu_threads import configure_cpu_threads
+
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        choice = configure_cpu_threads(cfg.training.cpu_threads, local_processes)
+        threads = f" threads={choice.threads} ({choice.reason})"
     if is_main:
-        cfg.save(training_args.output_dir)
-        # An empty alerts.jsonl means "monitored, nothing fired" (the AlertManager appends to it),
-        # so report tools can tell that apart from a run without monitoring output.
-        (Path(training_args.output_dir) / "alerts.jsonl").touch()
         print(f"experiment: {config_path} -> {training_args.output_dir}")
-        print(f"world_size={world_size} device={training_args.device} recipe={cfg.recipe.name}", flush=True)
+        print(f"world_size={world_size} device={training_args.device}{threads} recipe={cfg.recipe.name}", flush=True)
     _configure_wandb(cfg, training_args)
 
     set_seed(cfg.training.seed)
@@ -151,8 +180,20 @@ def build_trainer(cfg, training_args, data):
         data_collator=default_data_collator,
     )
     if "wandb" in (training_args.report_to or []):
-        trainer.add_callback(_WandbFullConfig(cfg.to_dict()))
+        trainer.add_callback(_wandb_full_config_callback(cfg.to_dict()))
     return trainer
+
+
+def _start_run_record(cfg, training_args) -> None:
+    """The run's own files in output_dir, written once setup succeeded: the resolved config, an empty
+    alerts.jsonl and the W&B folder."""
+    if training_args.process_index == 0:
+        cfg.save(training_args.output_dir)
+        # An empty alerts.jsonl means "monitored, nothing fired" (the AlertManager appends to it),
+        # so report tools can tell that apart from a run without monitoring output.
+        (Path(training_args.output_dir) / "alerts.jsonl").touch()
+    if "wandb" in (training_args.report_to or []):
+        Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
 
 
 def train(cfg, training_args, data, trainer, checkpoint) -> int:
@@ -161,6 +202,11 @@ def train(cfg, training_args, data, trainer, checkpoint) -> int:
 
     t = cfg.training
     is_main = training_args.process_index == 0
+    # transformers' own bars ("Writing model shards" at every checkpoint) would interleave with the
+    # training bar; downloads, before this point, keep theirs.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     trainer.train(resume_from_checkpoint=checkpoint)
     metrics = trainer.evaluate()
     trainer.save_state()  # trainer_state.json in output_dir, including the final eval
@@ -178,6 +224,9 @@ def train(cfg, training_args, data, trainer, checkpoint) -> int:
         data.tokenizer.save_pretrained(training_args.output_dir)
         trainer.create_model_card(tags=list(t.tags) or None)
         print(f"saved model, tokenizer and model card to {training_args.output_dir}", flush=True)
+    # No rank leaves (and tears down the process group) while another is still saving.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()  # destroys the process group (see _shutdown_distributed)
     return 0
 
 
@@ -188,32 +237,28 @@ def _configure_wandb(cfg, training_args) -> None:
     os.environ.setdefault("WANDB_PROJECT", cfg.training.project)
     if cfg.training.tags:
         os.environ.setdefault("WANDB_TAGS", ",".join(map(str, cfg.training.tags)))
-    # W&B files next to the run, so recipes/compare.py finds <output_dir>/wandb/offline-run-*.
+    # W&B files next to the run, so recipes/compare.py finds <output_dir>/wandb/offline-run-*. The folder
+    # itself is made by _start_run_record, once setup succeeded.
     os.environ.setdefault("WANDB_DIR", str(Path(training_args.output_dir).resolve()))
-    Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
 
 
-try:
-    from transformers import TrainerCallback
-except ImportError:  # pragma: no cover - transformers is a hard dependency
-    TrainerCallback = object
+def _wandb_full_config_callback(resolved: dict):
+    """A callback that adds the resolved experiment config to the W&B run the WandbCallback opened.
 
-
-class _WandbFullConfig(TrainerCallback):
-    """Adds the resolved experiment config to the W&B run the WandbCallback opened.
-
-    Added after the WandbCallback, so its on_train_begin runs after wandb.init; only the main
-    process has a run.
+    Added after the WandbCallback, so its on_train_begin runs after wandb.init; only the main process
+    has a run. Built in a function so that importing this script (and `--help`) does not import
+    transformers.
     """
+    from transformers import TrainerCallback
 
-    def __init__(self, resolved: dict) -> None:
-        self.resolved = resolved
+    class WandbFullConfig(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            import wandb
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        import wandb
+            if wandb.run is not None:
+                wandb.config.update({"experiment": resolved}, allow_val_change=True)
 
-        if wandb.run is not None:
-            wandb.config.update({"experiment": self.resolved}, allow_val_change=True)
+    return WandbFullConfig()
 
 
 if __name__ == "__main__":

@@ -87,6 +87,55 @@ def test_incompatible_and_corrupt_checkpoints_are_refused(tmp_path):
     with pytest.raises(ValueError, match="corrupt or incomplete"):
         _trainer(tmp_path / "x3").train(resume_from_checkpoint=ckpt)
     assert weights.stat().st_size == len(original) // 3  # nothing on disk was touched by the refusal
+    weights.write_bytes(original)
+
+
+@pytest.mark.parametrize("damage", ["truncate_weights", "empty_optimizer", "garble_trainer_state", "no_quant_state"])
+def test_damaged_checkpoint_is_refused_before_training(tmp_path, damage):
+    """resolve_checkpoint (run during setup, before train()) opens every file a resume loads."""
+    _trainer(tmp_path / "src", max_steps=8).train()
+    ckpt = tmp_path / "src" / "checkpoint-8"
+    if damage == "truncate_weights":
+        data = (ckpt / "model.safetensors").read_bytes()
+        (ckpt / "model.safetensors").write_bytes(data[: len(data) - 100])
+    elif damage == "empty_optimizer":
+        (ckpt / "optimizer.pt").write_bytes(b"")
+    elif damage == "garble_trainer_state":
+        (ckpt / "trainer_state.json").write_text('{"global_step": 8, ')
+    else:
+        (ckpt / "altgrad_quant_state.pt").unlink()
+    trainer = _trainer(tmp_path / "new")
+    with pytest.raises(ValueError) as e:
+        trainer.resolve_checkpoint(str(ckpt))
+    message = str(e.value)
+    assert "\n" not in message and str(ckpt) in message
+    if damage == "no_quant_state":
+        assert "has no altgrad_quant_state.pt" in message
+    else:
+        file = {"truncate_weights": "model.safetensors", "empty_optimizer": "optimizer.pt",
+                "garble_trainer_state": "trainer_state.json"}[damage]
+        assert f"corrupt or incomplete: {file} cannot be loaded" in message
+        # the intact sibling is suggested instead
+        assert f"training.resume_from_checkpoint={tmp_path / 'src' / 'checkpoint-4'}" in message
+    assert trainer.state.global_step == 0  # refused before anything was loaded
+    # the intact checkpoint still resolves
+    assert trainer.resolve_checkpoint(str(tmp_path / "src" / "checkpoint-4")) == str(tmp_path / "src" / "checkpoint-4")
+
+
+def test_anomaly_keep_last_null_keeps_every_anomaly_checkpoint(tmp_path):
+    """anomaly_keep_last=None is documented as "keep all": it must not crash the first rotation."""
+    args = TrainingArguments(
+        str(tmp_path / "diverge"), max_steps=20, per_device_train_batch_size=4, logging_steps=1,
+        learning_rate=1e38, max_grad_norm=0.0, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )
+    # Every bad step alerts (no cooldown) and so asks for an anomaly checkpoint; 4 of them, then the stop.
+    monitoring = MonitoringConfig.from_dict({"nan_patience": 4, "nonfinite_cooldown_steps": 0, "anomaly_keep_last": None})
+    trainer = AltGradTrainer(tiny_gpt(seed=0), args, recipe="e5m2", monitoring=monitoring, train_dataset=_Windows())
+    trainer.train()
+    assert "nan_patience=4" in trainer.stop_reason
+    anomalies = sorted(p.name for p in (tmp_path / "diverge" / "anomalies").iterdir())
+    assert len(anomalies) >= 3, anomalies  # more than the default-like small limits: nothing was rotated away
+    assert not any(name.startswith(".tmp") for name in anomalies)
 
 
 def test_wandb_offline_run_holds_metrics_and_alerts_and_resume_continues_it(tmp_path, monkeypatch):

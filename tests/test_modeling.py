@@ -5,17 +5,20 @@ two CPU cores; the one subprocess (remote-code loading without altgrad) dominate
 """
 
 import json
+import logging
 import math
 import os
 import pickle
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from altgrad.modeling import GPT, GPTConfig, GPTForCausalLM, build_char_tokenizer
 from altgrad.modeling.convert_nanogpt import convert_nanogpt_checkpoint, main as convert_main
@@ -23,6 +26,10 @@ from altgrad.modeling.model_card import count_parameters, write_model_card
 from altgrad.modeling.modeling_gpt import Block
 
 SHAKESPEARE = Path("/work/shared/data/tinyshakespeare/input.txt")
+
+# transformers 5.24 renamed the KV cache from `past_key_values` to `cache`, as forward argument and as output field;
+# earlier 5.x releases only know the old name. On 5.24 the old name still works but logs a deprecation warning.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -37,6 +44,36 @@ def tiny_config(**overrides) -> GPTConfig:
 def tiny_model(seed: int = 0, **overrides) -> GPT:
     torch.manual_seed(seed)
     return GPT(tiny_config(**overrides))
+
+
+def lively_model(seed: int = 0, **overrides) -> GPT:
+    """A tiny eval-mode float64 model whose greedy continuation depends on the whole context.
+
+    With GPT-2's init (std 0.02) and tied embeddings a tiny model just repeats its last token, whatever
+    came before and at whatever position: a KV cache that forgets the past, or positions that restart
+    at 0, would go unnoticed. Large random weights make every token and position matter.
+    """
+    model = tiny_model(seed, **overrides).double().eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def returned_cache(out):
+    """The KV cache of a forward output, under the field name of the installed transformers."""
+    return getattr(out, CACHE_FIELD)
+
+
+def greedy_by_recompute(model: GPT, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Greedy decoding the slow, obviously correct way: re-run the whole sequence for every token."""
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            next_id = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, next_id], dim=1)
+    return seq
 
 
 @pytest.fixture(scope="module")
@@ -149,11 +186,13 @@ def test_kv_cache_is_built_only_for_decoding():
     model = tiny_model()
     x = ids(shape=(2, 6), seed=14)
     with torch.no_grad():
-        assert model.train()(x).past_key_values is None  # training step
-        assert model.eval()(x, labels=x).past_key_values is None  # eval loss
-        cache = model(x).past_key_values  # eval decoding
-        assert cache.get_seq_length() == 6
-        assert model(x, use_cache=False).past_key_values is None
+        assert returned_cache(model.train()(x)) is None  # training step
+        assert returned_cache(model.eval()(x, labels=x)) is None  # eval loss
+        out = model(x)  # eval decoding
+        assert returned_cache(out).get_seq_length() == 6
+        assert returned_cache(model(x, use_cache=False)) is None
+    # The Trainer's predictions are the output fields not in keys_to_ignore_at_inference: not the cache.
+    assert [k for k in out.keys() if k not in model.config.keys_to_ignore_at_inference] == ["logits"]
 
 
 def test_causal_mask_future_tokens_do_not_leak():
@@ -264,20 +303,10 @@ def test_overfits_one_batch():
 # ----------------------------------------------------------------------------- KV cache / generation
 
 
-def test_greedy_generate_with_cache_equals_full_recompute():
-    model = tiny_model(block_size=24).double().eval()
-    prompt = ids(shape=(2, 5), seed=5)
-    out = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
-    seq = prompt
-    with torch.no_grad():
-        for _ in range(12):
-            next_id = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, next_id], dim=1)
-    assert torch.equal(out, seq)
-
-
-def test_cache_continuation_with_several_new_tokens():
-    """A multi-token chunk after a cache needs a causal mask offset by the cache length."""
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_cache_continuation_with_several_new_tokens(name):
+    """A multi-token chunk after a cache needs a causal mask offset by the cache length. The cache is
+    accepted under transformers' current name (`cache`, 5.24+) and the older `past_key_values`."""
     from transformers import DynamicCache
 
     model = tiny_model().eval()
@@ -285,10 +314,20 @@ def test_cache_continuation_with_several_new_tokens():
     with torch.no_grad():
         full = model(x).logits
         cache = DynamicCache(config=model.config)
-        first = model(x[:, :4], past_key_values=cache, use_cache=True)
-        assert first.past_key_values.get_seq_length() == 4
-        rest = model(x[:, 4:], past_key_values=first.past_key_values, use_cache=True)
+        first = model(x[:, :4], use_cache=True, **{name: cache})
+        assert returned_cache(first) is cache and cache.get_seq_length() == 4
+        rest = model(x[:, 4:], use_cache=True, **{name: cache})
+        assert cache.get_seq_length() == 11
     torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), full, atol=1e-6, rtol=1e-5)
+
+
+def test_cache_under_both_names_is_an_error():
+    from transformers import DynamicCache
+
+    model = tiny_model().eval()
+    x = ids(shape=(1, 3), seed=6)
+    with pytest.raises(ValueError, match="not both"):
+        model(x, cache=DynamicCache(config=model.config), past_key_values=DynamicCache(config=model.config))
 
 
 def test_left_padding_mask_in_forward_and_generate():
@@ -320,6 +359,90 @@ def test_attention_mask_with_zeros_is_not_ignored():
         assert not torch.allclose(model(x, attention_mask=mask).logits[:, -1], model(x).logits[:, -1])
         with pytest.raises(ValueError, match="attention_mask must have shape"):
             model(x, attention_mask=mask[:, 1:])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_greedy_generate_with_cache_equals_full_recompute(seed):
+    """The KV cache may change the cost of decoding, never its result: `generate` with and without
+    the cache and a full recompute per token give the same tokens, with the same scores.
+
+    This is what broke silently when transformers 5.24 started passing the cache as `cache=`: a forward
+    that only read `past_key_values` restarted every step from an empty cache at position 0."""
+    model = lively_model(seed, block_size=32)
+    prompt = ids(shape=(2, 5), seed=20 + seed)
+    kwargs = dict(max_new_tokens=16, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    cached = model.generate(prompt, use_cache=True, **kwargs)
+    uncached = model.generate(prompt, use_cache=False, **kwargs)
+    reference = greedy_by_recompute(model, prompt, 16)
+    # Not one token repeated forever: that continuation would not notice a cache that forgets the past.
+    assert all(len(set(row[-16:].tolist())) >= 2 for row in reference)
+    assert torch.equal(uncached.sequences, reference)
+    assert torch.equal(cached.sequences, reference)
+    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(uncached.scores))
+
+
+def left_pad(prompts: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D prompts of different lengths into (B, T) input_ids and attention_mask, padded on the left."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.stack([F.pad(p, (width - len(p), 0), value=pad) for p in prompts])  # (B, T)
+    attention_mask = torch.stack([F.pad(torch.ones_like(p), (width - len(p), 0)) for p in prompts])  # (B, T)
+    return input_ids, attention_mask
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_batched_left_padded_generate_matches_each_row_alone(use_cache):
+    model = lively_model(2, block_size=32)
+    pad = 10  # prompts use ids 0..9 only, so no real token looks like padding
+    prompts = [ids(shape=(1, n), seed=30 + n, vocab=10)[0] for n in (7, 3, 5)]
+    batch, mask = left_pad(prompts, pad)
+    out = model.generate(
+        batch, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=pad, use_cache=use_cache
+    )
+    assert out.shape == (3, 7 + 10)
+    for row, prompt in zip(out, prompts):
+        alone = greedy_by_recompute(model, prompt[None], 10)[0]
+        assert torch.equal(row[-10:], alone[-10:])
+
+
+def test_generate_logs_no_deprecation_from_the_model(monkeypatch):
+    """Nothing in a forward / generate round trip should use a deprecated transformers API (e.g. the
+    `past_key_values` name on 5.24, which only logs once per process, hence the spy)."""
+    logged = []
+    real_warning_once = logging.Logger.warning_once
+
+    def spy(self, msg, *args, **kwargs):
+        logged.append(str(msg))
+        return real_warning_once(self, msg, *args, **kwargs)
+
+    monkeypatch.setattr(logging.Logger, "warning_once", spy)
+    model = lively_model(3, block_size=32)
+    batch, mask = left_pad([ids(shape=(1, n), seed=n, vocab=10)[0] for n in (4, 2)], pad=10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            out = model(batch, attention_mask=mask, use_cache=True)
+            returned_cache(out).get_seq_length()
+            model(batch, labels=batch).loss.item()
+        model.generate(batch, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=10)
+    messages = logged + [str(w.message) for w in caught]
+    assert not [m for m in messages if "deprecat" in m.lower()], messages
+
+
+def test_checkpointing_in_training_drops_an_explicit_cache():
+    """Under activation checkpointing the backward pass replays each block; a KV cache would get every
+    key appended twice. The model must run without it, whatever the transformers version."""
+    model = tiny_model().train()
+    model.activation_checkpointing_enable()
+    x = ids(shape=(2, 8), seed=16)
+    out = model(x, use_cache=True)
+    assert returned_cache(out) is None
+    out.logits.sum().backward()
+    assert model.transformer.h[0].attn.c_attn.weight.grad is not None
+    # Without a backward pass there is nothing to replay: decoding keeps its cache.
+    with torch.no_grad():
+        assert returned_cache(model.eval()(x, use_cache=True)).get_seq_length() == 8
+    model.activation_checkpointing_disable()
+    assert not any(block.gradient_checkpointing for block in model.transformer.h)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -365,8 +488,8 @@ def test_gradient_checkpointing_gives_same_gradients():
         # tensor is rebuilt, so a hook at the end of the block might never fire a second time.
         model.transformer.h[0].ln_1.register_forward_pre_hook(lambda *_: calls.append(1))
         if checkpointing:
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            enable()
+            # The non-deprecated name on transformers 5.23+; GPT provides it on older releases too.
+            model.activation_checkpointing_enable()
             assert all(block.gradient_checkpointing for block in model.transformer.h)
         x = ids(shape=(2, 12), seed=10)
         torch.manual_seed(123)  # same dropout masks in both runs
@@ -591,22 +714,31 @@ _REMOTE_SCRIPT = textwrap.dedent(
     model_dir, inputs_path, out_path, threads = sys.argv[1:5]
     torch.set_num_threads(int(threads))
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)
-    x = torch.load(inputs_path)
+    x, batch, mask = torch.load(inputs_path)
     with torch.no_grad():
         logits = model(x).logits
-    generated = model.generate(x[:1, :4], max_new_tokens=6, do_sample=False)
-    torch.save({"logits": logits, "generated": generated, "module": type(model).__module__,
-                "has_altgrad": any(m.startswith("altgrad") for m, v in sys.modules.items() if v is not None)},
-               out_path)
+    result = {"logits": logits, "module": type(model).__module__}
+    for use_cache in (True, False):
+        result[f"generated_{use_cache}"] = model.generate(
+            x[:1, :4], max_new_tokens=6, do_sample=False, use_cache=use_cache
+        )
+        result[f"batched_{use_cache}"] = model.generate(
+            batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=10, use_cache=use_cache
+        )
+    result["has_altgrad"] = any(m.startswith("altgrad") for m, v in sys.modules.items() if v is not None)
+    torch.save(result, out_path)
     """
 )
 
 
 def test_loads_with_trust_remote_code_without_altgrad(tmp_path):
-    model = tiny_model().eval()
+    # float32: what from_pretrained loads by default, so the logits can be compared bit for bit.
+    model = lively_model(9).float()
     model.save_pretrained(tmp_path / "model")
-    x = ids(shape=(2, 10), seed=13)
-    torch.save(x, tmp_path / "x.pt")
+    x = ids(shape=(2, 10), seed=13, vocab=10)
+    prompts = [ids(shape=(1, n), seed=40 + n, vocab=10)[0] for n in (5, 2)]
+    batch, mask = left_pad(prompts, pad=10)
+    torch.save((x, batch, mask), tmp_path / "x.pt")
     (tmp_path / "load.py").write_text(_REMOTE_SCRIPT)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
     proc = subprocess.run(
@@ -619,22 +751,40 @@ def test_loads_with_trust_remote_code_without_altgrad(tmp_path):
     assert result["module"].startswith("transformers_modules") and not result["has_altgrad"]
     with torch.no_grad():
         assert torch.equal(result["logits"], model(x).logits)
-    assert torch.equal(result["generated"], model.generate(x[:1, :4], max_new_tokens=6, do_sample=False))
+    # The remote-code copy must use its KV cache correctly too: cached == uncached == full recompute.
+    expected = greedy_by_recompute(model, x[:1, :4], 6)
+    assert torch.equal(result["generated_True"], expected) and torch.equal(result["generated_False"], expected)
+    for use_cache in (True, False):
+        batched = result[f"batched_{use_cache}"]
+        for row, prompt in zip(batched, prompts):
+            assert torch.equal(row[-6:], greedy_by_recompute(model, prompt[None], 6)[0, -6:]), use_cache
 
 
-def test_text_generation_pipeline_with_char_tokenizer(tmp_path, char_tokenizer):
+def test_text_generation_pipeline_with_char_tokenizer(tmp_path, shakespeare_text):
     from transformers import pipeline
 
-    model = tiny_model(vocab_size=len(char_tokenizer), block_size=32).eval()
+    tokenizer = build_char_tokenizer(shakespeare_text, model_max_length=32)
+    model = lively_model(10, vocab_size=len(tokenizer), block_size=32).float()
     model.save_pretrained(tmp_path)
-    char_tokenizer.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
 
     generator = pipeline("text-generation", model=str(tmp_path), device="cpu")
-    text = generator("ROMEO:", max_new_tokens=10, do_sample=False)[0]["generated_text"]
-    assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 10
-    prompt = char_tokenizer("ROMEO:", return_tensors="pt").input_ids
-    expected = model.generate(prompt, max_new_tokens=10, do_sample=False)
-    assert text == char_tokenizer.decode(expected[0])
+    prompts = ["ROMEO:", "O, she"]
+    expected = []
+    for prompt in prompts:
+        prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
+        expected.append(tokenizer.decode(greedy_by_recompute(generator.model, prompt_ids, 10)[0]))
+    assert all(len(set(text[-10:])) >= 2 for text in expected)  # not just one token repeated
+
+    for use_cache in (True, False):
+        outputs = [generator(p, max_new_tokens=10, do_sample=False, use_cache=use_cache) for p in prompts]
+        assert [out[0]["generated_text"] for out in outputs] == expected, use_cache
+
+    # Batched: the pipeline pads the shorter prompt on the left.
+    generator.tokenizer.pad_token = "\n"
+    generator.tokenizer.padding_side = "left"
+    batched = generator(prompts, batch_size=2, max_new_tokens=10, do_sample=False)
+    assert [out[0]["generated_text"] for out in batched] == expected
 
 
 def test_model_card(tmp_path):

@@ -143,7 +143,7 @@ def test_resolved_config_round_trips(tmp_path):
     (["model.n_layers=2"], "valid keys in 'model' are: n_layer, n_head"),
     (["training.learnig_rate=1.0"], "did you mean 'learning_rate'"),
     (["data.tokeniser=bpe"], "valid keys in 'data' are: source, path"),
-    (["monitoring.overflow=0.1"], "valid keys in 'monitoring' are: enabled"),
+    (["monitoring.overflow=0.1"], "did you mean 'overflow_threshold'"),
     (["quantization.recipe.weigth=E4M3"], "weigth"),
     (["experiment.name=x"], "valid keys at the top level are: model, data, quantization, training, monitoring"),
 ])
@@ -151,6 +151,26 @@ def test_unknown_keys_are_rejected_with_the_valid_keys(overrides, message):
     with pytest.raises(ValueError, match="unknown|weigth") as e:
         load_config(None, overrides)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("key, expected", [
+    ("training.learnig_rate", ["did you mean 'learning_rate'"]),
+    ("training.per_device_batch_size", ["'per_device_train_batch_size'", "'per_device_eval_batch_size'"]),
+    ("training.bogus", []),
+    ("monitoring.overflow", ["did you mean 'overflow_threshold'", "altgrad.monitoring.MonitoringConfig"]),
+])
+def test_unknown_key_message_is_one_short_line(key, expected):
+    """Large sections (training has every TrainingArguments field) name the closest keys, not all of them."""
+    with pytest.raises(ValueError) as e:
+        load_config(None, [f"{key}=1"])
+    message = str(e.value)
+    assert message.startswith(f"unknown key {key!r}") and "\n" not in message and len(message) < 300, message
+    for fragment in expected:
+        assert fragment in message, message
+    if key.startswith("training."):
+        assert ("training accepts any transformers.TrainingArguments field plus min_lr, resume_from_checkpoint, "
+                "project, tags") in message
+        assert "ddp_backend" not in message  # not the list of every field
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -274,6 +294,62 @@ def test_bad_data_exits_2_with_one_line(workdir, shakespeare_path, tmp_path):
     cfg = _tiny_config(workdir / "bad_data.yaml", shakespeare_path, tmp_path / "cache", tmp_path / "out", "bf16")
     _assert_one_line_error(_train_py("--config", str(cfg), f"data.path={empty}"), "is empty")
     _assert_one_line_error(_train_py("--config", str(cfg), f"data.path={small}"), "block")
+
+
+def _main_in_process(capsys, *args: str) -> tuple[int, str]:
+    """recipes/train.py's main() in this process (no interpreter start-up): exit status and stderr."""
+    import runpy
+
+    main = runpy.run_path(str(TRAIN))["main"]
+    capsys.readouterr()
+    status = main(list(args))
+    return status, capsys.readouterr().err
+
+
+def _one_line_error_in_process(capsys, fragments: list[str], *args: str) -> str:
+    status, err = _main_in_process(capsys, *args)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert status == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def _snapshot(paths: list[Path]) -> dict[Path, tuple[bytes, int]]:
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in paths}
+
+
+def test_failed_setup_leaves_an_existing_run_directory_untouched(single_run, shakespeare_path, tmp_path, capsys,
+                                                                  monkeypatch):
+    """Data too short, or a resume from a corrupt checkpoint: exit 2 with one line, and the earlier run's
+    experiment_config.yaml and alerts.jsonl (and the absence of a W&B folder) stay exactly as they were."""
+    import shutil
+
+    existing = tmp_path / "existing"
+    shutil.copytree(single_run, existing, ignore=shutil.ignore_patterns("wandb"))
+    (existing / "alerts.jsonl").write_text('{"step": 3, "rule": "overflow"}\n')  # an earlier run's alert
+    record = _snapshot([existing / CONFIG_FILENAME, existing / "alerts.jsonl"])
+    monkeypatch.setenv("WANDB_DIR", str(existing / "wandb"))  # train.py only sets these when unset
+    monkeypatch.setenv("WANDB_PROJECT", "altgrad-test")
+    small = tmp_path / "small.txt"
+    small.write_text("To be, or not to be.\n" * 3)
+    cfg = _tiny_config(tmp_path / "cfg.yaml", shakespeare_path, tmp_path / "cache", existing, "e5m2")
+
+    _one_line_error_in_process(capsys, ["block"], "--config", str(cfg), f"data.path={small}",
+                               "training.report_to=[wandb]")
+    assert _snapshot(list(record)) == record and not (existing / "wandb").exists()
+
+    # A truncated model.safetensors is found during setup, not as a traceback from inside trainer.train().
+    ckpt = existing / f"checkpoint-{MAX_STEPS}"
+    weights = ckpt / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    line = _one_line_error_in_process(
+        capsys, [f"checkpoint {ckpt} is corrupt or incomplete", "model.safetensors", "resume from another checkpoint"],
+        "--config", str(cfg), f"training.resume_from_checkpoint={ckpt}", "training.report_to=[wandb]")
+    assert len(line) < 600, line
+    assert _snapshot(list(record)) == record and not (existing / "wandb").exists()
+    assert weights.read_bytes() == data[: len(data) // 2]  # the refusal changed nothing on disk
 
 
 def test_help_explains_usage():

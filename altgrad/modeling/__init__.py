@@ -8,11 +8,17 @@ copies `configuration_gpt.py` / `modeling_gpt.py` next to the weights, with
 Example:
 
 ```python
+>>> import tempfile
+>>> from transformers import AutoModelForCausalLM
 >>> from altgrad.modeling import GPT, GPTConfig, build_char_tokenizer
->>> text = open("input.txt").read()
->>> tok = build_char_tokenizer(text, model_max_length=256)
->>> model = GPT(GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=len(tok)))
->>> model.save_pretrained("out"); tok.save_pretrained("out")
+>>> tok = build_char_tokenizer("First Citizen: Before we proceed any further, hear me speak.", model_max_length=64)
+>>> model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=len(tok)))
+>>> out = tempfile.mkdtemp()
+>>> model.save_pretrained(out)
+>>> _ = tok.save_pretrained(out)
+>>> type(AutoModelForCausalLM.from_pretrained(out)).__name__
+'GPT'
+
 ```
 """
 

@@ -47,11 +47,14 @@ class GPTConfig(PreTrainedConfig):
     >>> config.hidden_size  # standard alias
     64
     >>> model = GPT(config)
+
     ```
     """
 
     model_type = "altgrad_gpt"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    # Output fields the Trainer drops from predictions: the KV cache, named `cache` from transformers 5.24
+    # on and `past_key_values` before.
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
     attribute_map = {
         "hidden_size": "n_embd",
         "num_hidden_layers": "n_layer",

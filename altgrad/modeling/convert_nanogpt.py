@@ -50,6 +50,7 @@ def nanogpt_state_dict_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str
     >>> sd = {"_orig_mod.transformer.h.0.attn.bias": torch.ones(1, 1, 4, 4), "_orig_mod.lm_head.weight": torch.zeros(3, 2)}
     >>> list(nanogpt_state_dict_to_hf(sd))
     ['lm_head.weight']
+
     ```
     """
     out = {}
@@ -135,7 +136,8 @@ def convert_nanogpt_checkpoint(
 
     ```python
     >>> model = convert_nanogpt_checkpoint("out-shakespeare-char/ckpt.pt", "hf-model",
-    ...                                    meta_path="data/shakespeare_char/meta.pkl")
+    ...                                    meta_path="data/shakespeare_char/meta.pkl")  # doctest: +SKIP
+
     ```
     """
     try:

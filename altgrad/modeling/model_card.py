@@ -38,6 +38,7 @@ def count_parameters(model_config: Any) -> dict[str, int]:
     ```python
     >>> count_parameters(dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257))
     {'total': 124439808, 'non_embedding': 123653376}
+
     ```
     """
     cfg = _config_dict(model_config)
@@ -97,9 +98,15 @@ def write_model_card(
     Example:
 
     ```python
-    >>> model.save_pretrained("out")
-    >>> write_model_card("out", model.config, training_config={"lr": 6e-4},
-    ...                  quant_recipe={"weights": "fp8_e4m3", "grads": "fp8_e5m2"})
+    >>> import tempfile
+    >>> from altgrad.modeling import GPTConfig
+    >>> config = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=65)
+    >>> out = tempfile.mkdtemp()
+    >>> card = write_model_card(out, config, training_config={"lr": 6e-4},
+    ...                         quant_recipe={"weights": "fp8_e4m3", "grads": "fp8_e5m2"})
+    >>> "fp8_e4m3" in open(f"{out}/README.md").read()
+    True
+
     ```
     """
     save_dir = os.fspath(save_dir)
@@ -165,6 +172,7 @@ model = AutoModelForCausalLM.from_pretrained("{model_name}", trust_remote_code=T
 tokenizer = AutoTokenizer.from_pretrained("{model_name}")
 ids = tokenizer("ROMEO:", return_tensors="pt").input_ids
 print(tokenizer.decode(model.generate(ids, max_new_tokens=100, do_sample=True)[0]))
+
 ```
 
 Sequences (prompt plus generated tokens) cannot exceed block_size = {cfg.get('block_size')} tokens.

@@ -12,7 +12,15 @@ Two behaviours differ from nanoGPT on purpose:
     asserts in forward and silently crops the context in its own `generate`).
 
 This file is copied next to the weights by `save_pretrained` (remote code), so it must stay
-self-contained: torch, transformers and `.configuration_gpt` only, never `altgrad`.
+self-contained: torch, transformers and `.configuration_gpt` only, never `altgrad`. For the same reason
+it must work with every transformers 5.x release the package supports, not just the installed one: a
+saved model is loaded by whatever version its user has. The API differences it bridges:
+  * the KV cache is called `cache` from transformers 5.24 on (the forward argument `generate` passes
+    and the output field it reads) and `past_key_values` before. `forward` accepts both names, and
+    the output uses the field the installed `CausalLMOutputWithPast` declares (`_CACHE_FIELD`).
+  * `activation_checkpointing_enable` (5.23+) is `gradient_checkpointing_enable` before (deprecated
+    since 5.23); the new name is provided on older releases too, so callers can use it everywhere.
+  * `slice_logits_to_keep` only exists from 5.21 on; an equivalent is defined for older releases.
 """
 
 import inspect
@@ -26,10 +34,34 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
-from transformers.utils import can_return_tuple
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import can_return_tuple, logging
 
 from .configuration_gpt import GPTConfig
+
+try:
+    from transformers.modeling_utils import slice_logits_to_keep
+except ImportError:  # transformers < 5.21
+
+    def slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+        """transformers' `slice_logits_to_keep` (5.21+): an int n > 0 keeps the last n positions, 0 keeps
+        all; a 1-D tensor selects the same positions in every row; a 2-D integer tensor (B, n) selects
+        positions per row; a 2-D bool mask (B, T) keeps its True positions, flattened to (count, C)."""
+        if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.ndim == 2:
+            if logits_to_keep.dtype == torch.bool:
+                return hidden_states[logits_to_keep]
+            return torch.take_along_dim(hidden_states, logits_to_keep[..., None], dim=1)
+        if isinstance(logits_to_keep, int):
+            logits_to_keep = slice(-logits_to_keep, None)
+        return hidden_states[:, logits_to_keep, :]
+
+
+logger = logging.get_logger(__name__)
+
+# Name of the KV-cache field of transformers' model outputs: `cache` from 5.24 on, `past_key_values`
+# before. 5.24 still accepts and reads the old name, but logs a deprecation warning for it, and older
+# releases know only the old one, so the field is looked up rather than hard-coded.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def _is_compiling() -> bool:
@@ -62,6 +94,7 @@ def causal_lm_loss(
     >>> logits = torch.zeros(1, 3, 5)
     >>> causal_lm_loss(logits, torch.tensor([[1, 2, 3]]), vocab_size=5)  # log(5)
     tensor(1.6094)
+
     ```
     """
     if logits.dtype in (torch.float16, torch.bfloat16):
@@ -97,7 +130,8 @@ class CausalSelfAttention(nn.Module):
 
     `attention_mask` is None (plain causal attention, SDPA's fused kernel) or a boolean
     (B or 1, 1, T, S) mask, True = may attend, that already contains the causal part. The caller
-    (`GPT.forward`) guarantees a mask whenever queries do not start at key position 0.
+    (`GPT.forward`) guarantees a mask whenever queries do not start at key position 0. `cache` is a
+    transformers `Cache` that this layer appends its keys and values to (slot `layer_idx`).
     """
 
     def __init__(self, config: GPTConfig, layer_idx: int):
@@ -117,7 +151,7 @@ class CausalSelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
         hs = C // self.n_head
@@ -126,9 +160,9 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if past_key_values is not None:
+        if cache is not None:
             # Append this step's keys/values and get back the whole history.
-            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, nh, S, hs), S = past + T
+            k, v = cache.update(k, v, self.layer_idx)  # (B, nh, S, hs), S = past + T
 
         y = F.scaled_dot_product_attention(
             q,
@@ -167,8 +201,9 @@ class Block(GradientCheckpointingLayer):
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
 
     Subclassing `GradientCheckpointingLayer` is how transformers v5 checkpoints layers: once
-    `model.gradient_checkpointing_enable()` is called, calling the block re-runs its forward in the
-    backward pass instead of storing activations. `x` must therefore be passed positionally.
+    `model.activation_checkpointing_enable()` is called, calling the block re-runs its forward in the
+    backward pass instead of storing activations. `x` must therefore be passed positionally. (The KV
+    cache never reaches a checkpointed block: `GPT.forward` drops it, see there.)
     """
 
     def __init__(self, config: GPTConfig, layer_idx: int):
@@ -182,10 +217,10 @@ class Block(GradientCheckpointingLayer):
         self,
         x: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attention_mask=attention_mask, past_key_values=past_key_values)
+        x = x + self.attn(self.ln_1(x), attention_mask=attention_mask, cache=cache)
         x = x + self.mlp(self.ln_2(x))
         return x  # (B, T, C)
 
@@ -199,11 +234,24 @@ class GPTPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["Block"]
-    _skip_keys_device_placement = ["past_key_values"]
+    # Inputs that accelerate's device-map hooks must not move: the KV cache, under both its names.
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     # Attention always goes through F.scaled_dot_product_attention (there is no eager or flash path).
     _supports_sdpa = True
     # nanoGPT checkpoints from before PyTorch 2.0 stored the causal mask as a buffer `attn.bias`.
     _keys_to_ignore_on_load_unexpected = [r"\.attn\.bias$"]
+
+    if not hasattr(PreTrainedModel, "activation_checkpointing_enable"):
+        # transformers < 5.23 only has the old names, which 5.23+ deprecates. Providing the new ones
+        # here lets callers (and our tests) use `activation_checkpointing_*` on every version.
+
+        def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None):
+            """Checkpoint every block: recompute its activations in backward instead of storing them."""
+            self.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
+
+        def activation_checkpointing_disable(self):
+            """Store activations again (undoes `activation_checkpointing_enable`)."""
+            self.gradient_checkpointing_disable()
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
@@ -248,6 +296,7 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
     (torch.Size([4, 16, 65]), torch.Size([]))
     >>> model.eval().generate(idx[:1, :4], max_new_tokens=8, do_sample=False).shape
     torch.Size([1, 12])
+
     ```
     """
 
@@ -309,7 +358,11 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
         Example:
 
         ```python
+        >>> model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=65))
         >>> opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device_type="cpu")
+        >>> [len(g["params"]) for g in opt.param_groups]  # decayed (2-D), not decayed (1-D)
+        [10, 18]
+
         ```
         """
         # named_parameters() yields a tied tensor once, so it is never in two groups.
@@ -437,10 +490,11 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -450,7 +504,8 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
                 batched generation); or an already expanded (B, 1, T, past + T) mask.
             position_ids: (B or 1, T) positions; default past + arange(T). `generate` derives them
                 from the attention mask so left-padded rows start at position 0.
-            past_key_values: a transformers `Cache` (e.g. `DynamicCache`), updated in place.
+            cache: the KV cache, a transformers `Cache` (e.g. `DynamicCache`), updated in place. Its
+                name since transformers 5.24, where `generate` passes it as `cache=`.
             labels: (B, T) *unshifted* targets, usually `input_ids` (-100 = ignore). Loss is the mean
                 next-token cross entropy. kwargs `num_items_in_batch` (sum / count instead of mean,
                 for gradient accumulation) and `shift_labels` (nanoGPT's pre-shifted targets, used
@@ -460,12 +515,15 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
                 `generate` always passes it explicitly.
             logits_to_keep: int n > 0 computes logits for the last n positions only (what `generate`
                 does); 0 keeps all. A tensor selects positions.
+            past_key_values: the same KV cache under its name before transformers 5.24 (what `generate`
+                passes there, and what older callers use). Give one of the two names, not both.
             kwargs: `output_hidden_states` (embeddings, each block's output, the final-LayerNorm
                 output), `return_dict`; others transformers passes are ignored.
 
         Returns:
-            `CausalLMOutputWithPast` with logits (B, T', vocab_size), loss (scalar or None),
-            past_key_values, hidden_states.
+            `CausalLMOutputWithPast` with logits (B, T', vocab_size), loss (scalar or None), the KV
+            cache (field `cache` on transformers 5.24+, `past_key_values` before; None when unused),
+            hidden_states.
         """
         if input_ids is None:
             raise ValueError("GPT.forward needs input_ids (this model has no inputs_embeds path)")
@@ -477,13 +535,26 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
         ignore_index = kwargs.get("ignore_index", -100)
         self._check_ids(ignore_index, input_ids=input_ids, labels=labels, shift_labels=shift_labels)
 
+        if past_key_values is not None:
+            # The pre-5.24 name, from transformers' own `generate` before 5.24 or from older callers.
+            # Accepted silently: on those versions it is the only name there is.
+            if cache is not None and cache is not past_key_values:
+                raise ValueError("Got two KV caches, `cache` and `past_key_values`: pass one, not both.")
+            cache = past_key_values
+
         if use_cache is None:
             # A cache only pays off when decoding. Keeping every layer's K/V alive through a training
             # step or an eval-loss pass would just cost memory (2 * n_layer * B * T * C values).
             use_cache = self.config.use_cache and not self.training and labels is None and shift_labels is None
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if (use_cache or cache is not None) and self._checkpointing_active():
+            # The backward pass re-runs each checkpointed block, which would append its keys and values
+            # to the cache a second time. transformers >= 5.24 strips a `cache` kwarg from checkpointed
+            # layers itself, older releases only `past_key_values`: doing it here works on all of them.
+            logger.warning_once("The KV cache is not used under activation checkpointing in training: ignoring it.")
+            use_cache, cache = False, None
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_length = cache.get_seq_length() if cache is not None else 0
 
         self._check_positions(position_ids, past_length, seq_length)
         if position_ids is None:
@@ -501,7 +572,7 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
         for block in self.transformer.h:
             if output_hidden_states:
                 all_hidden_states += (x,)
-            x = block(x, attention_mask=mask, past_key_values=past_key_values)  # (B, T, C)
+            x = block(x, attention_mask=mask, cache=cache)  # (B, T, C)
         x = self.transformer.ln_f(x)  # (B, T, C)
         if output_hidden_states:
             all_hidden_states += (x,)
@@ -528,9 +599,13 @@ class GPT(GPTPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=past_key_values,
             hidden_states=all_hidden_states,
+            **{_CACHE_FIELD: cache},  # `cache=` on transformers 5.24+, `past_key_values=` before
         )
+
+    def _checkpointing_active(self) -> bool:
+        """True when the blocks will be recomputed in backward (checkpointing on, training, autograd on)."""
+        return self.training and torch.is_grad_enabled() and any(b.gradient_checkpointing for b in self.transformer.h)
 
     def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
         # Fail before generating anything rather than at the first position past block_size.

@@ -21,6 +21,15 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal, Mapping
 
+from .metrics import (
+    COS_SIM_MEAN,
+    COS_SIM_MIN,
+    DEFAULT_THRESHOLDS,
+    OVERFLOW_RATE,
+    STORED_WEIGHT_BIT_STALL_RATE,
+    UNDERFLOW_RATE,
+)
+
 __all__ = [
     "AlertLevel",
     "MonitoringConfig",
@@ -95,7 +104,7 @@ DEFAULT_LEVELS: dict[str, str] = {
     "nonfinite_grad": "error",
 }
 
-COS_SIM_KEYS = ("grad_cos_sim/min", "grad_cos_sim/mean")
+COS_SIM_KEYS = (COS_SIM_MIN, COS_SIM_MEAN)
 
 
 @dataclass(frozen=True)
@@ -181,21 +190,22 @@ class MonitoringConfig:
     enabled: bool = True
 
     # --- quantization health (rates in [0, 1], one value per logging step) ---
-    # Fraction of weight updates that left the stored low-precision value unchanged. ~0.5 means half
-    # the optimizer's work is rounded away; lower catches stagnation earlier but FP8 formats with few
-    # mantissa bits legitimately stall 20-40% of updates at small learning rates, so expect noise.
-    bit_stall_threshold: float | None = 0.5
+    # Fraction of weight updates lost to rounding, for weights *stored* in the format (a recipe's
+    # `stored_weight`): ~0.5 means half the optimizer's work is rounded away for good. The forward copy of
+    # float32 master weights stalls 70-90% of updates harmlessly (the master keeps them), so that rate is
+    # logged (quantization/bit_stall_rate) and never alerted on.
+    bit_stall_threshold: float | None = DEFAULT_THRESHOLDS["bit_stall"]
     # Fraction of values clipped at the format's max. Overflow silently destroys the largest (often most
     # important) values, so the bar is low; 0.01 still tolerates the occasional outlier token.
-    overflow_threshold: float | None = 0.01
+    overflow_threshold: float | None = DEFAULT_THRESHOLDS["overflow"]
     # Fraction of non-zero values flushed to zero. Underflow of tiny gradients is common and often
     # harmless, hence the looser 0.1; tighten it when studying formats with little dynamic range.
-    underflow_threshold: float | None = 0.1
+    underflow_threshold: float | None = DEFAULT_THRESHOLDS["underflow"]
 
     # --- gradient fidelity vs the FP32 shadow ---
     # Floor on cosine similarity between quantized and FP32-shadow gradients (in [-1, 1]). 0.9 is
     # "still pointing the same way"; below that the optimizer follows a materially different direction.
-    cos_sim_floor: float | None = 0.9
+    cos_sim_floor: float | None = DEFAULT_THRESHOLDS["cos_sim_floor"]
     # Which aggregate the floor applies to. "grad_cos_sim/min" (default) catches a single layer going
     # bad, which the mean hides behind dozens of healthy layers, at the cost of more alerts from one
     # noisy small layer (e.g. biases); "grad_cos_sim/mean" is the quieter whole-model view.
@@ -372,13 +382,13 @@ class MonitoringConfig:
         lv = self.level_for
         candidates: list[ThresholdRule | SpikeRule | None] = [
             None if self.bit_stall_threshold is None else ThresholdRule(
-                "bit_stall", "quantization/bit_stall_rate", self.bit_stall_threshold, "above", lv("bit_stall"),
-                "Bit-stall rate high"),
+                "bit_stall", STORED_WEIGHT_BIT_STALL_RATE, self.bit_stall_threshold, "above", lv("bit_stall"),
+                "Stored-weight bit-stall rate high"),
             None if self.overflow_threshold is None else ThresholdRule(
-                "overflow", "quantization/overflow_rate", self.overflow_threshold, "above", lv("overflow"),
+                "overflow", OVERFLOW_RATE, self.overflow_threshold, "above", lv("overflow"),
                 "Quantization overflow rate high"),
             None if self.underflow_threshold is None else ThresholdRule(
-                "underflow", "quantization/underflow_rate", self.underflow_threshold, "above", lv("underflow"),
+                "underflow", UNDERFLOW_RATE, self.underflow_threshold, "above", lv("underflow"),
                 "Quantization underflow rate high"),
             None if self.cos_sim_floor is None else ThresholdRule(
                 "grad_cos_sim", self.cos_sim_metric, self.cos_sim_floor, "below", lv("grad_cos_sim"),

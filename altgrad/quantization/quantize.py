@@ -50,9 +50,17 @@ _OUT_DTYPES = _FLOAT_DTYPES + tuple(_FP8_FORMAT_OF)
 
 
 @functools.lru_cache(maxsize=256)
-def _params_on(fmt: FloatFormat, device: torch.device) -> torch.Tensor:
+def _cached_params_on(fmt: FloatFormat, device: torch.device) -> torch.Tensor:
     # Cached per (format, device): on CUDA this avoids a host-to-device copy per call.
     return torch.tensor(format_params(fmt), dtype=torch.int32, device=device)
+
+
+def _params_on(fmt: FloatFormat, device: torch.device) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        # Traced inside a compiled model: dynamo would trace through the cache wrapper anyway (and warn
+        # about it); the constant tensor becomes part of the graph.
+        return torch.tensor(format_params(fmt), dtype=torch.int32, device=device)
+    return _cached_params_on(fmt, device)
 
 
 def _check_tensor(x: torch.Tensor, what: str = "x") -> None:

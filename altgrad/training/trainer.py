@@ -37,6 +37,8 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from altgrad.monitoring import AlertCallback, MonitoringConfig
+from altgrad.monitoring import metrics as M
+from altgrad.monitoring.console import install_console
 from altgrad.training.quantized_linear import SQNR_CAP_DB, ModelQuantizer, quantize_model
 from altgrad.training.recipe import QuantRecipe
 from altgrad.training.shadow import FP32ShadowModel
@@ -126,6 +128,9 @@ class AltGradTrainer(Trainer):
         self._staging_root: str | None = None
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
         self.add_callback(_AfterOptimizerStep(self))
+        # A compact line per logging step instead of the Trainer's echo of the whole metrics dict;
+        # every metric still reaches W&B and <output_dir>/metrics.jsonl.
+        install_console(self)
         self.shadow_every = shadow_every or 0
         self.shadow = FP32ShadowModel(self.model) if self.shadow_every else None
         if self.shadow is not None:
@@ -199,9 +204,11 @@ class AltGradTrainer(Trainer):
         return saved
 
     def _rotate_anomalies(self, root: str) -> None:
-        keep = int(self.monitoring.anomaly_keep_last)
-        if not os.path.isdir(root):
+        """Delete the oldest anomaly checkpoints beyond ``anomaly_keep_last`` (None: keep every one)."""
+        keep = self.monitoring.anomaly_keep_last
+        if keep is None or not os.path.isdir(root):
             return
+        keep = int(keep)
         dirs = [d for d in os.listdir(root) if d.startswith("step-")]
         dirs.sort(key=lambda d: (int(d.split("-")[1]), os.path.getmtime(os.path.join(root, d))))
         for old in dirs[: max(0, len(dirs) - keep)]:
@@ -396,7 +403,10 @@ class AltGradTrainer(Trainer):
             out[key] = value
         if "quantization/_updated" in host:
             upd = host["quantization/_updated"]
-            out["quantization/bit_stall_rate"] = host["quantization/_stalled"] / upd if upd > 0 else 0.0
+            out[M.BIT_STALL_RATE] = host["quantization/_stalled"] / upd if upd > 0 else 0.0
+            if self.recipe.stored_weight is not None:
+                # Every converted layer stores its weight in the format: the rate that loses updates.
+                out[M.STORED_WEIGHT_BIT_STALL_RATE] = out[M.BIT_STALL_RATE]
             for key in host:
                 if key.startswith("quantization/_stalled/"):
                     name = key[len("quantization/_stalled/") :]
@@ -408,19 +418,25 @@ class AltGradTrainer(Trainer):
         logs = dict(logs)
         if "loss" in logs and "train_runtime" not in logs:
             loss = logs["loss"]
-            logs["perplexity"] = perplexity(loss)
+            logs[M.PERPLEXITY] = perplexity(loss)
             now = time.perf_counter()
             if self._last_log_time is not None and now > self._last_log_time:
-                logs["tokens_per_second"] = self._tokens_since_log * self.accelerator.num_processes / (
+                logs[M.TOKENS_PER_SECOND] = self._tokens_since_log * self.accelerator.num_processes / (
                     now - self._last_log_time
                 )
             self._tokens_since_log, self._last_log_time = 0, now
             logs.update(self._collect_metrics())
         if "eval_loss" in logs:
             eval_loss = logs["eval_loss"]
-            logs["val/loss"] = eval_loss
-            logs["val/perplexity"] = perplexity(eval_loss)
+            logs[M.VAL_LOSS] = eval_loss
+            logs[M.VAL_PERPLEXITY] = perplexity(eval_loss)
+        n_history = len(self.state.log_history)
         super().log(logs, start_time)
+        # Callbacks (W&B, metrics.jsonl, alerts) got every metric; the history that the Trainer writes
+        # into each checkpoint's trainer_state.json keeps the summaries (per-tensor metrics made it
+        # ~800 KB per checkpoint for README's 0.8M-parameter model).
+        if len(self.state.log_history) == n_history + 1:
+            self.state.log_history[-1] = M.summary_metrics(self.state.log_history[-1])
 
     # ------------------------------------------------------------------ checkpoints
     def _get_output_dir(self, trial) -> str:
@@ -516,8 +532,14 @@ class AltGradTrainer(Trainer):
             checkpoint = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
             if checkpoint is None:
                 raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint-<N> folder")
-        self._check_compatible(str(checkpoint))
-        return str(checkpoint)
+        checkpoint = str(checkpoint)
+        self._check_compatible(checkpoint)
+        # Also readable: the Trainer loads the files inside train(), where a failure is a traceback after
+        # the run has started; here it is a setup error. Once per folder (train() resolves again).
+        if getattr(self, "_verified_checkpoint", None) != os.path.realpath(checkpoint):
+            self._verify_checkpoint_files(checkpoint)
+            self._verified_checkpoint = os.path.realpath(checkpoint)
+        return checkpoint
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         """`Trainer.train`; on resume, also continue the checkpoint's W&B run (same run id)."""
@@ -589,13 +611,95 @@ class AltGradTrainer(Trainer):
                 raise ValueError(f"checkpoint {checkpoint} was trained with a different architecture ({detail})")
         info_path = os.path.join(checkpoint, RUN_INFO_FILE)
         if os.path.isfile(info_path):
-            with open(info_path) as f:
-                saved_recipe = json.load(f).get("recipe")
+            try:
+                with open(info_path) as f:
+                    info = json.load(f)
+            except (OSError, ValueError) as exc:
+                raise self._unreadable(checkpoint, RUN_INFO_FILE, exc) from None
+            saved_recipe = info.get("recipe") if isinstance(info, dict) else None
             if saved_recipe is not None and saved_recipe != self.recipe.to_dict():
                 raise ValueError(
                     f"checkpoint {checkpoint} was trained with recipe {saved_recipe.get('name')!r}, this run uses "
                     f"{self.recipe.name!r}; resume with the same quantization recipe"
                 )
+
+    def _verify_checkpoint_files(self, checkpoint: str) -> None:
+        """Raise ValueError unless every file the Trainer and altgrad load on resume opens and is complete.
+
+        Weights: each safetensors file's header must parse and its tensors must cover the file exactly
+        (catches truncation without reading the data); ``.bin``/``.pt``/``.pth`` files are loaded as the
+        Trainer loads them (``weights_only``), JSON files parsed. Cheap next to a training step.
+        """
+        from safetensors import safe_open
+        from transformers.trainer_pt_utils import safe_globals  # the numpy globals rng_state.pth holds
+
+        def weights_files() -> list[str]:
+            for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+                index = os.path.join(checkpoint, index_name)
+                if os.path.isfile(index):
+                    try:
+                        with open(index) as f:
+                            shards = sorted(set(json.load(f)["weight_map"].values()))
+                    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                        raise self._unreadable(checkpoint, index_name, exc) from None
+                    for shard in shards:
+                        if not os.path.isfile(os.path.join(checkpoint, shard)):
+                            raise self._unreadable(checkpoint, shard, f"missing (listed in {index_name})")
+                    return shards
+            return [name for name in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(checkpoint, name))]
+
+        weights = weights_files()
+        if not weights:
+            raise self._unreadable(checkpoint, "model.safetensors", "missing (no model weights in the folder)")
+        if self.quantizer.layers and not os.path.isfile(os.path.join(checkpoint, QUANT_STATE_FILE)):
+            raise ValueError(
+                f"checkpoint {checkpoint} has no {QUANT_STATE_FILE}: it was not written by altgrad with recipe "
+                f"{self.recipe.name!r}"
+            )
+        names = sorted(os.listdir(checkpoint))
+        pickled = [n for n in names if n.endswith((".pt", ".pth"))] + [w for w in weights if w.endswith(".bin")]
+        for name in [w for w in weights if w.endswith(".safetensors")]:
+            try:
+                with safe_open(os.path.join(checkpoint, name), framework="pt") as f:
+                    f.keys()
+            except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: the file cannot be loaded
+                raise self._unreadable(checkpoint, name, exc) from None
+        for name in pickled:
+            try:
+                with safe_globals():
+                    torch.load(os.path.join(checkpoint, name), map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - zip/unpickling errors all mean "cannot load this"
+                raise self._unreadable(checkpoint, name, exc) from None
+        for name in [n for n in names if n.endswith(".json")]:
+            try:
+                with open(os.path.join(checkpoint, name)) as f:
+                    json.load(f)
+            except (OSError, ValueError) as exc:
+                raise self._unreadable(checkpoint, name, exc) from None
+
+    @staticmethod
+    def _unreadable(checkpoint: str, name: str, problem) -> ValueError:
+        """The one-line error for a checkpoint file that cannot be loaded, pointing at what to do instead."""
+        if isinstance(problem, BaseException):
+            text = " ".join(str(problem).split()) or type(problem).__name__
+            # torch's zip errors append a paragraph of advice; the first sentence says what is wrong.
+            problem = f"{type(problem).__name__}: {text.split('. ')[0][:200]}"
+        parent = os.path.dirname(os.path.normpath(checkpoint))
+        others = []
+        if os.path.isdir(parent):
+            for entry in os.listdir(parent):
+                path = os.path.join(parent, entry)
+                if (entry.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and entry.split("-")[-1].isdigit()
+                        and os.path.isdir(path) and os.path.realpath(path) != os.path.realpath(checkpoint)):
+                    others.append((int(entry.split("-")[-1]), path))
+        if others:
+            instead = f"resume from another checkpoint (e.g. training.resume_from_checkpoint={max(others)[1]})"
+        else:
+            instead = "resume from another checkpoint-<N> folder"
+        return ValueError(
+            f"checkpoint {checkpoint} is corrupt or incomplete: {name} cannot be loaded ({problem}); "
+            f"{instead} or start a new run (training.resume_from_checkpoint=null)"
+        )
 
     def create_model_card(self, model_name: str | None = None, tags=None, **kwargs) -> None:
         """altgrad's model card (architecture, training config, quantization recipe) instead of the
