@@ -48,7 +48,7 @@ import yaml
 from altgrad.monitoring import metrics as M
 from altgrad.monitoring.wandb_offline import find_run_dirs, read_offline_run
 from altgrad.training.recipe import QuantRecipe
-from altgrad.training.trainer import perplexity
+from altgrad.training.session import perplexity
 
 # Keys whose difference does not make two runs different experiments (they are the same
 # experiment repeated with another seed, possibly written somewhere else).

@@ -198,7 +198,7 @@ def _start_run_record(cfg, training_args) -> None:
 
 def train(cfg, training_args, data, trainer, checkpoint) -> int:
     """Train -> final evaluate -> save model, tokenizer, model card."""
-    from altgrad.training.trainer import perplexity
+    from altgrad.training.session import perplexity
 
     t = cfg.training
     is_main = training_args.process_index == 0

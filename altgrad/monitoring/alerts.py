@@ -390,6 +390,8 @@ class AlertCallback(TrainerCallback):
         output_dir: where ``alerts.jsonl`` goes; None means ``args.output_dir`` (set at init/train begin).
         is_main_process: None means follow ``state.is_world_process_zero`` (before the first event, the
             ``RANK`` environment variable decides).
+        manager: an existing :class:`AlertManager` to drive (e.g. a `QuantSession`'s, which also raises
+            the non-finite alerts); its config is used and ``config`` must be None.
 
     Example:
         >>> cb = AlertCallback(MonitoringConfig(anomaly_checkpoint_on=["overflow"]))
@@ -403,11 +405,20 @@ class AlertCallback(TrainerCallback):
         config: MonitoringConfig | None = None,
         output_dir: str | os.PathLike | None = None,
         is_main_process: bool | None = None,
+        manager: AlertManager | None = None,
     ) -> None:
+        if manager is not None and config is not None:
+            raise ValueError("AlertCallback takes a config or an existing manager, not both")
         self._follow_state = is_main_process is None
         self._follow_args_dir = output_dir is None
         main = is_main_process if is_main_process is not None else int(os.environ.get("RANK", "0")) == 0
-        self.manager = AlertManager(config, output_dir, is_main_process=main)
+        if manager is None:
+            manager = AlertManager(config, output_dir, is_main_process=main)
+        else:
+            manager.is_main_process = main
+            if output_dir is not None:
+                manager.output_dir = Path(output_dir)
+        self.manager = manager
         self.pending_anomalies: list[Alert] = []
 
     @property

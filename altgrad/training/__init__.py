@@ -1,7 +1,23 @@
-"""Quantized training: recipes, quantizing Linear layers, the FP32 shadow and the Trainer subclass."""
+"""Quantized training.
+
+One file per concern:
+
+=====================  ==========================================================================
+``recipe.py``          what is quantized and how: `QuantRecipe` / `TensorQuantSpec` (frozen data), presets
+``quantized_linear.py``  `quantize_model` -> `QuantLinear` (quantized operands in all three GEMMs),
+                       `TensorQuantizer` (one role's scaling state and statistics), `ModelQuantizer`
+``native_fp8.py``      the same GEMMs on FP8 tensor cores (`torch._scaled_mm`)
+``shadow.py``          `FP32ShadowModel`: the float32 twin that measures gradient fidelity
+``session.py``         `QuantSession`: the per-step lifecycle any training loop drives (conversion,
+                       shadow, statistics, bit-stall, non-finite verdict, metrics, alerts)
+``checkpointing.py``   altgrad's checkpoint files, atomic folders, resume checks, anomaly checkpoints
+``trainer.py``         `AltGradTrainer`: `transformers.Trainer` hooks mapped onto a `QuantSession`
+=====================  ==========================================================================
+"""
 
 from altgrad.training.quantized_linear import ModelQuantizer, QuantLinear, TensorQuantizer, quantize_model
 from altgrad.training.recipe import RECIPE_PRESETS, TENSOR_ROLES, QuantRecipe, TensorQuantSpec, get_recipe
+from altgrad.training.session import QuantSession, StepVerdict, perplexity
 from altgrad.training.shadow import FP32ShadowModel, gradient_snr
 from altgrad.training.trainer import AltGradTrainer
 
@@ -17,5 +33,8 @@ __all__ = [
     "quantize_model",
     "FP32ShadowModel",
     "gradient_snr",
+    "QuantSession",
+    "StepVerdict",
+    "perplexity",
     "AltGradTrainer",
 ]

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from altgrad.training.quantized_linear import QuantLinear, set_submodule
 
-__all__ = ["FP32ShadowModel", "gradient_snr"]
+__all__ = ["FP32ShadowModel", "gradient_snr", "unwrap_model"]
 
 
 def gradient_snr(g: torch.Tensor) -> torch.Tensor:
@@ -36,8 +36,8 @@ def gradient_snr(g: torch.Tensor) -> torch.Tensor:
     return torch.where(std > 0, mean.abs() / std.clamp_min(1e-45), torch.full_like(std, math.inf))
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP / torch.compile wrappers keep the real model in `.module` / `._orig_mod`.
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP / torch.compile wrappers (`.module` / `._orig_mod`)."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or getattr(model, "_orig_mod")
     return model
@@ -57,7 +57,7 @@ class FP32ShadowModel:
     """
 
     def __init__(self, model: nn.Module, layers: list[str] | None = None) -> None:
-        source = _unwrap(model)
+        source = unwrap_model(model)
         shadow = copy.deepcopy(source)
         for name, module in list(shadow.named_modules()):
             if isinstance(module, QuantLinear):
@@ -73,11 +73,11 @@ class FP32ShadowModel:
     @torch.no_grad()
     def sync_from(self, model: nn.Module) -> None:
         """Copy the trained model's current weights (as float32) and zero the shadow's gradients."""
-        source = dict(_unwrap(model).named_parameters())
+        source = dict(unwrap_model(model).named_parameters())
         for name, p in self.model.named_parameters():
             p.copy_(source[name].detach())
             p.grad = None
-        self.model.train(_unwrap(model).training)
+        self.model.train(unwrap_model(model).training)
 
     def accumulate(self, inputs: dict, loss_divisor: float = 1.0, loss_fn=None, **forward_kwargs) -> torch.Tensor:
         """Forward/backward one micro-batch in float32 with no autocast; returns the loss.
@@ -115,7 +115,7 @@ class FP32ShadowModel:
         ``grad_snr/<layer>`` (quantized run) and ``grad_snr_fp32/<layer>``, plus ``grad_cos_sim/mean``,
         ``grad_cos_sim/min``, ``grad_rel_error/mean``, ``grad_snr/mean``, ``grad_snr_fp32/mean``.
         """
-        trained = dict(_unwrap(model).named_parameters())
+        trained = dict(unwrap_model(model).named_parameters())
         mine = dict(self.model.named_parameters())
         out: dict[str, torch.Tensor] = {}
         cos_values, rel_values, snr_q, snr_f = [], [], [], []
