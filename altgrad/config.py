@@ -24,9 +24,9 @@ An experiment has five sections::
       overflow_threshold: 0.01
 
 Everything is validated before any work starts: unknown keys (at any level) fail naming the closest
-valid keys (and all of them, for the small sections), values are checked against the dataclass field
-types, and impossible combinations (``n_embd % n_head != 0``, an unknown recipe preset, ...) fail with
-a one-line ``ValueError``.
+valid keys (and all of them, for the small sections), values are converted to the dataclass field
+types by ``transformers.HfArgumentParser`` (see "typed values" below), and impossible combinations
+(``n_embd % n_head != 0``, an unknown recipe preset, ...) fail with a one-line ``ValueError``.
 
 Example:
     >>> cfg = load_config(None, ["model.n_layer=2", "training.max_steps=200"])
@@ -40,18 +40,21 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import enum
+import functools
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+from transformers import HfArgumentParser
 
 from altgrad.data import DataConfig
 from altgrad.monitoring.config import MonitoringConfig
@@ -154,7 +157,8 @@ class TrainingSection:
     logging_steps: int = 10
     seed: int = 1337
     # "none", "wandb", "tensorboard", ... or a list; with wandb the full resolved config is uploaded.
-    report_to: Union[str, list] = "none"
+    # (list[str], not list: HfArgumentParser reads the item type of a list field.)
+    report_to: Union[str, list[str]] = "none"
     # null: the output_dir's name.
     run_name: Union[str, None] = None
     dataloader_num_workers: int = 0
@@ -167,7 +171,7 @@ class TrainingSection:
     resume_from_checkpoint: Union[str, bool, None] = None
     # altgrad keys for W&B: project (WANDB_PROJECT) and run tags.
     project: str = "altgrad"
-    tags: list = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
     # altgrad key: torch threads per process when training on the CPU. null: what the user gave the
     # launcher (--num_cpu_threads_per_process, OMP_NUM_THREADS), else the cores divided among the local
     # processes (accelerate's own default, one thread, leaves cores idle). See altgrad/cpu_threads.py.
@@ -415,12 +419,10 @@ def _check_combinations(cfg: ExperimentConfig) -> None:
 def _training_section(values: dict[str, Any]) -> TrainingSection:
     from transformers import TrainingArguments
 
-    own = {f.name for f in dataclasses.fields(TrainingSection)} - {"extra"}
-    ta_fields = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
-    valid = sorted(own | set(ta_fields))
-    unknown = [k for k in values if k not in own and k not in ta_fields]
-    if unknown:
-        _reject_unknown(values, valid, "training")
+    own = [f.name for f in dataclasses.fields(TrainingSection) if f.name != "extra"]
+    ta = _parser(TrainingArguments)
+    if any(k not in own and k not in ta.fields for k in values):
+        _reject_unknown(values, sorted({*own, *ta.fields}), "training")
     reserved = [k for k in values if k in TrainingSection.RESERVED]
     if reserved:
         raise ValueError(
@@ -428,11 +430,8 @@ def _training_section(values: dict[str, Any]) -> TrainingSection:
             "eval_steps/save_steps/logging_steps optimizer steps); remove it"
         )
     ours = _typed(TrainingSection, {k: v for k, v in values.items() if k in own}, "training")
-    hints = _hints(TrainingArguments)
-    extra = {}
-    for k, v in values.items():
-        if k not in own:
-            extra[k] = _check_type(v, hints.get(k, Any), f"training.{k}")
+    # The other keys are TrainingArguments fields, converted by HfArgumentParser(TrainingArguments).
+    extra = {k: _convert(ta, k, v, f"training.{k}") for k, v in values.items() if k not in own}
     return TrainingSection(**ours, extra=extra)
 
 
@@ -467,24 +466,126 @@ def _reject_unknown(values: Mapping[str, Any], valid: typing.Iterable[str], wher
             raise ValueError(message)
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
+# ---------------------------------------------------------------------------------- typed values
+# Values are converted by transformers.HfArgumentParser: it maps each dataclass field's annotation to an
+# argparse converter (int, float, string_to_bool, the choices of a Literal/Enum, nargs="+" for list[X]), and
+# argparse converts the value's text and rejects what does not fit ("many" for an int, 2.5 for an int,
+# "maybe" for a bool, an unknown choice). HfArgumentParser.parse_dict would not do: it only calls
+# cls(**values), converting and checking nothing. A YAML value is already typed, so what is hand-written
+# below is only what argparse cannot take: null and mappings (no command-line text), a list for a field that
+# takes one value or the reverse, and Union[str, X] fields, which HfArgumentParser parses as X only (its rule
+# for command-line flags). Those values are kept as they are when the annotation names their type.
+# MonitoringConfig is not parsed here: its from_dict checks its own Mapping/tuple fields, which argparse
+# cannot express.
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        try:
-            _HINTS[cls] = typing.get_type_hints(cls)
-        except Exception:  # unresolvable forward reference: skip type checks rather than crash
-            _HINTS[cls] = {}
-    return _HINTS[cls]
+class _FieldParser(HfArgumentParser):
+    """``HfArgumentParser`` over one dataclass, converting one YAML value at a time (see :func:`_convert`).
+
+    Unlike a command-line parser it never prints usage or calls ``sys.exit`` (errors raise
+    ``argparse.ArgumentError``) and takes no abbreviations. Its defaults are None: the dataclass has the
+    real ones, and argparse would otherwise convert every string default on every parse.
+    """
+
+    def __init__(self, cls: type) -> None:
+        self.fields: dict[str, argparse.Action] = {}  # field name -> its argparse action
+        annotations = [(f, f.type) for f in dataclasses.fields(cls)]
+        super().__init__(cls, add_help=False, allow_abbrev=False, exit_on_error=False)
+        for f, annotation in annotations:  # HfArgumentParser rewrites Field.type in place; leave cls as it was
+            f.type = annotation
+        self.set_defaults(**dict.fromkeys(self.fields))
+        self.hints = typing.get_type_hints(cls)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        self.fields.setdefault(action.dest, action)  # not the --no_<field> twin of a bool field
+        return action
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise argparse.ArgumentError(None, message)
+
+    def exit(self, status: int = 0, message: str | None = None) -> typing.NoReturn:
+        raise argparse.ArgumentError(None, message or f"exit status {status}")
+
+
+@functools.lru_cache(maxsize=None)
+def _parser(cls: type) -> _FieldParser:
+    return _FieldParser(cls)
 
 
 def _typed(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
-    """Reject unknown keys and check each value against the field's annotation (coercing int -> float)."""
-    names = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "extra"]
-    _reject_unknown(values, names, where)
-    hints = _hints(cls)
-    return {k: _check_type(v, hints.get(k, Any), f"{where}.{k}") for k, v in values.items()}
+    """Reject unknown keys and convert each value to its field's type (see :func:`_convert`)."""
+    parser = _parser(cls)
+    _reject_unknown(values, [name for name in parser.fields if name != "extra"], where)
+    return {k: _convert(parser, k, v, f"{where}.{k}") for k, v in values.items()}
+
+
+def _convert(parser: _FieldParser, key: str, value: Any, where: str) -> Any:
+    """``value`` converted by ``parser`` to the type of field ``key``; else a one-line ValueError naming ``where``.
+
+    Example:
+        >>> _convert(_parser(ModelSection), "dropout", "1e-1", "model.dropout")
+        0.1
+        >>> _convert(_parser(ModelSection), "n_layer", "1e3", "model.n_layer")
+        Traceback (most recent call last):
+        ...
+        ValueError: model.n_layer='1e3' has the wrong type: expected an integer (PyYAML reads 1e-3 as a string; write 1.0e-3)
+    """
+    action, tp = parser.fields[key], parser.hints[key]
+    many = action.nargs in ("+", "*")
+    # argparse parses text: one token for a one-value field, one per item for a list field. null and
+    # mappings have none, and a YAML boolean is no text for a string field (`hf_config: no` reads as false).
+    if (value is not None and not isinstance(value, Mapping) and isinstance(value, (list, tuple)) == many
+            and (value or not many) and not (isinstance(value, bool) and action.type is str)):
+        argv = [f"--{key}", *map(_text, value)] if many else [f"--{key}={_text(value)}"]
+        try:
+            parsed, rest = parser.parse_known_args(argv)
+            if not rest:
+                got = getattr(parsed, key)
+                # list[Enum] items come back as members; keep the plain values (YAML-dumpable).
+                return [item.value if isinstance(item, enum.Enum) else item for item in got] if many else got
+        except argparse.ArgumentError:
+            pass
+        # Rejected. A Union[str, X] field was parsed as X; a scalar may still be the str (or bool) it names.
+        if not many and typing.get_origin(tp) in (Union, types.UnionType) and _fits(value, tp):
+            return value
+    elif _fits(value, tp):
+        return value
+    hint = ""
+    if isinstance(value, str):
+        try:
+            float(value)
+            hint = " (PyYAML reads 1e-3 as a string; write 1.0e-3)"
+        except ValueError:
+            pass
+    if action.choices:
+        raise ValueError(f"{where}={value!r} is not valid: expected one of {', '.join(map(repr, action.choices))}")
+    raise ValueError(f"{where}={value!r} has the wrong type: expected {_describe(tp)}{hint}")
+
+
+def _text(value: Any) -> str:
+    """A YAML scalar as the command-line text argparse converts. A whole float is written as an integer, so
+    ``max_steps: 2.0e+3`` (PyYAML's float 2000.0; it reads ``2e3`` as a string) is accepted as 2000."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether ``value`` already has a type the annotation names: null, a mapping or a list (no command-line
+    form), or a str/bool in a Union that HfArgumentParser parses as another type. Items are not checked; the
+    consumer (QuantRecipe.from_dict, TrainingArguments) validates what is inside."""
+    for member in typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,):
+        origin = typing.get_origin(member) or member
+        if member is Any or type(value) is origin or (
+            origin is Literal and any(type(value) is type(a) and value == a for a in typing.get_args(member))
+        ):
+            return True
+        if origin in (list, tuple, Sequence) and isinstance(value, (list, tuple)):
+            return True
+        if origin in (dict, Mapping) and isinstance(value, Mapping):
+            return True
+    return False
 
 
 def _describe(tp: Any) -> str:
@@ -499,113 +600,3 @@ def _describe(tp: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(map(repr, typing.get_args(tp)))
     return _describe(origin) if isinstance(origin, type) else str(tp)
-
-
-class _Mismatch(Exception):
-    pass
-
-
-def _check_type(value: Any, tp: Any, where: str) -> Any:
-    """``value`` if it fits ``tp`` (int -> float and numeric strings -> float are coerced), else ValueError."""
-    try:
-        return _coerce(value, tp)
-    except _Mismatch:
-        hint = ""
-        if isinstance(value, str):
-            try:
-                float(value)
-                hint = " (PyYAML reads 1e-3 as a string; write 1.0e-3)"
-            except ValueError:
-                pass
-        raise ValueError(f"{where}={value!r} has the wrong type: expected {_describe(tp)}{hint}") from None
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    if tp is Any or tp is typing.Any:
-        return value
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _Mismatch
-        # Exact matches first, so `float | str` keeps "1e-3" a string only when str is allowed.
-        for arg in args:
-            if arg is not type(None):
-                try:
-                    return _coerce(value, arg) if _exact(value, arg) else _raise()
-                except _Mismatch:
-                    pass
-        for arg in args:
-            if arg is not type(None):
-                try:
-                    return _coerce(value, arg)
-                except _Mismatch:
-                    pass
-        raise _Mismatch
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise _Mismatch
-    if value is None:
-        raise _Mismatch
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)  # `max_steps: 2.0e3`
-        raise _Mismatch
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # PyYAML's 1e-3 (a str), or an override
-            except ValueError:
-                pass
-        raise _Mismatch
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        if isinstance(value, tp) or value in [m.value for m in tp]:
-            return value
-        raise _Mismatch
-    container = origin or tp
-    if container in (list, tuple) or (isinstance(container, type) and container.__name__ in ("Sequence",)):
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        args = typing.get_args(tp)
-        if args and args[-1] is not Ellipsis and len(args) == 1:
-            return [_coerce(v, args[0]) for v in value]
-        return list(value)
-    if container in (dict, Mapping) or container is typing.Mapping:
-        if not isinstance(value, Mapping):
-            raise _Mismatch
-        return dict(value)
-    return value  # a type we do not model: let the consumer validate it
-
-
-def _exact(value: Any, tp: Any) -> bool:
-    if tp is float:
-        return isinstance(value, float)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp in (bool, str):
-        return type(value) is tp
-    origin = typing.get_origin(tp) or tp
-    if origin in (list, tuple):
-        return isinstance(value, (list, tuple))
-    if origin in (dict, Mapping):
-        return isinstance(value, Mapping)
-    return False
-
-
-def _raise():
-    raise _Mismatch

@@ -187,6 +187,75 @@ def test_wrong_types_are_rejected(overrides, message):
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize("override, section, key, expected", [
+    ("training.learning_rate=1e-3", "training", "learning_rate", 1e-3),  # PyYAML's string "1e-3"
+    ("training.max_steps=2.0e+3", "training", "max_steps", 2000),  # a whole float where an int is expected
+    ("model.dropout=0", "model", "dropout", 0.0),
+    ("data.max_eval_blocks=null", "data", "max_eval_blocks", None),
+    ("quantization.shadow_every=null", "quantization", "shadow_every", None),
+    ("quantization.recipe={preset: e5m2}", "quantization", "recipe", {"preset": "e5m2"}),  # Union[str, dict]
+    ("training.report_to=wandb", "training", "report_to", "wandb"),  # Union[str, list[str]]: str kept as is
+    ("training.report_to=[wandb, tensorboard]", "training", "report_to", ["wandb", "tensorboard"]),
+    ("training.tags=[]", "training", "tags", []),
+    ("training.resume_from_checkpoint=true", "training", "resume_from_checkpoint", True),
+    ("training.resume_from_checkpoint=out/run/checkpoint-10", "training", "resume_from_checkpoint",
+     "out/run/checkpoint-10"),
+    # TrainingArguments fields (kept in training.extra), converted by HfArgumentParser(TrainingArguments).
+    ("training.num_train_epochs=3", "extra", "num_train_epochs", 3.0),
+    ("training.log_level=info", "extra", "log_level", "info"),
+    ("training.lr_scheduler_kwargs={num_cycles: 0.5}", "extra", "lr_scheduler_kwargs", {"num_cycles": 0.5}),
+    ("training.debug=[underflow_overflow]", "extra", "debug", ["underflow_overflow"]),  # plain str, not the Enum
+    ("training.label_names=[labels]", "extra", "label_names", ["labels"]),
+])
+def test_values_are_converted_to_the_field_types(override, section, key, expected):
+    cfg = load_config(None, [override])
+    value = cfg.training.extra[key] if section == "extra" else getattr(getattr(cfg, section), key)
+    assert value == expected and type(value) is type(expected), (override, value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.log_level=verbose", "training.log_level='verbose' is not valid: expected one of 'detail', 'debug'"),
+    ("training.debug=[bogus]", "training.debug=['bogus'] has the wrong type"),
+    ("training.label_names=labels", "expected a list or null"),
+    ("training.fp16=null", "training.fp16=None has the wrong type: expected true/false"),
+    ("training.ddp_timeout=1.5", "training.ddp_timeout=1.5 has the wrong type: expected an integer"),
+    ("training.logging_steps=1e1", "expected an integer (PyYAML reads 1e-3 as a string; write 1.0e-3)"),
+    ("data.hf_config=no", "data.hf_config=False has the wrong type: expected a string or null"),  # YAML's `no`
+    ("training.resume_from_checkpoint=5", "expected a string or true/false or null"),
+    ("quantization.recipe=5", "quantization.recipe=5 has the wrong type: expected a string or a mapping"),
+    ("training.seed=[1, 2]", "training.seed=[1, 2] has the wrong type: expected an integer"),
+    ("training.adam_beta1={a: 1}", "expected a number"),
+])
+def test_conversion_errors_are_one_line_value_errors(override, message):
+    """HfArgumentParser is an argparse parser: its errors must raise, never print usage or sys.exit."""
+    try:
+        load_config(None, [override])
+    except ValueError as e:
+        assert message in str(e) and "\n" not in str(e), str(e)
+    except SystemExit:  # pragma: no cover - the failure this test guards against
+        pytest.fail(f"{override}: the parser exited the process")
+    else:
+        pytest.fail(f"{override} was accepted")
+
+
+def test_parsing_leaves_the_dataclasses_untouched():
+    """HfArgumentParser rewrites dataclass Field.type in place; the config's parsers undo that."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    import altgrad.config
+    from altgrad.config import TrainingSection
+    from altgrad.data import DataConfig
+
+    altgrad.config._parser.cache_clear()  # build the parsers again, inside this test
+    before = {cls: [f.type for f in dataclasses.fields(cls)] for cls in (TrainingSection, DataConfig, TrainingArguments)}
+    assert all(isinstance(t, str) for t in before[TrainingSection] + before[DataConfig])  # unevaluated annotations
+    load_config(None, ["training.optim=adamw_torch", "data.hf_config=en", "data.source=hf", "data.hf_name=x",
+                       "training.report_to=[wandb]"])
+    assert {cls: [f.type for f in dataclasses.fields(cls)] for cls in before} == before
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["model.n_embd=100", "model.n_head=3"], "must be divisible by model.n_head=3"),
     (["model.block_size=1"], "model.block_size=1 must be >= 2"),
