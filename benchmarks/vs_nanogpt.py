@@ -2,6 +2,7 @@
 alternating runs in one session, as a ratio to nanoGPT.
 
     python benchmarks/vs_nanogpt.py --nanogpt-dir /path/to/nanoGPT [--runs 2] [--max-iters 2000]
+    python benchmarks/vs_nanogpt.py --nanogpt-dir /path/to/nanoGPT --plain-loop   # models only, one process
 
 nanoGPT is not a dependency: point ``--nanogpt-dir`` at a checkout of karpathy/nanoGPT whose
 ``data/shakespeare_char`` has been prepared (copy Tiny Shakespeare there as ``input.txt`` and run its
@@ -50,13 +51,52 @@ def timed(cmd: list[str], cwd: Path, log: Path) -> tuple[float, str]:
     return wall, text
 
 
+def plain_loop(nanogpt_dir: Path, runs: int, steps: int = 150) -> None:
+    """Both models in one process on the same random batches: AdamW, clipping, 2000-step config shapes."""
+    import torch
+
+    sys.path.insert(0, str(nanogpt_dir))
+    from model import GPT as NanoGPT, GPTConfig as NanoConfig  # nanoGPT's model.py
+
+    from altgrad.modeling import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    data = torch.randint(0, 65, (steps, 12, 65))
+    shape = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, dropout=0.0, bias=False)
+    models = {"nanoGPT": NanoGPT(NanoConfig(**shape)), "altgrad": GPT(GPTConfig(**shape))}
+
+    def step(name, model, opt, d):
+        x, y = d[:, :-1].contiguous(), d[:, 1:].contiguous()
+        loss = model(x, y)[1] if name == "nanoGPT" else model(input_ids=x, shift_labels=y).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for run in range(runs):
+        for name, model in models.items():
+            model.train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            for d in data[:20]:
+                step(name, model, opt, d)
+            t0 = time.perf_counter()
+            for d in data:
+                step(name, model, opt, d)
+            print(f"run {run} {name:8s} {(time.perf_counter() - t0) / steps * 1000:6.1f} ms/step "
+                  f"({torch.get_num_threads()} threads)", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nanogpt-dir", required=True, type=Path)
     p.add_argument("--runs", type=int, default=2, help="runs of each, alternating (default 2)")
     p.add_argument("--max-iters", type=int, default=2000)
     p.add_argument("--work-dir", type=Path, default=Path("runs/vs_nanogpt"))
+    p.add_argument("--plain-loop", action="store_true", help="time the two models in one process instead")
     a = p.parse_args()
+    if a.plain_loop:
+        plain_loop(a.nanogpt_dir, a.runs)
+        return
     if not (a.nanogpt_dir / "data" / "shakespeare_char" / "train.bin").is_file():
         raise SystemExit(f"{a.nanogpt_dir}/data/shakespeare_char/train.bin missing: run nanoGPT's prepare.py there first")
     if "ALTGRAD_TINYSHAKESPEARE" not in os.environ:

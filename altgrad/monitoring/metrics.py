@@ -11,6 +11,11 @@ A logging step produces one flat ``{name: float}`` dict. Two kinds of names live
   to ``metrics.jsonl`` (every logged dict, one JSON line each), never to the console or the Trainer's
   checkpointed ``log_history``.
 
+Across processes every metric is the mean over ranks (`QuantSession.metrics`, one all-reduce per logging
+step): gradients, and so the shadow comparison and gradient norms, are identical on every rank after DDP's
+all-reduce, and the quantization rates pool equal-sized micro-batches. Bit-stall is the exception: it
+crosses the reduction as summed counts (stalled, updated updates) and the rate is formed afterwards.
+
 Example:
     >>> is_per_tensor("grad_cos_sim/transformer.h.0.attn.c_attn.weight"), is_per_tensor(COS_SIM_MEAN)
     (True, False)

@@ -176,8 +176,9 @@ class AltGradTrainer(Trainer):
             loss = Trainer.compute_loss(self, shadow_model, dict(batch), num_items_in_batch=num_items_in_batch)
             if self.args.n_gpu > 1:
                 loss = loss.mean()
-            if self.loss_is_scaled_for_ga is not None:
-                scaled = self.loss_is_scaled_for_ga
+            declared = getattr(self, "loss_is_scaled_for_ga", None)  # newer releases declare it; 5.4 does not
+            if declared is not None:
+                scaled = declared
             else:
                 scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
                     self.compute_loss_func is not None
