@@ -24,7 +24,9 @@ Private Trainer API still used, and why (each is a break the next transformers r
   so ``resume_from_checkpoint=True``) would pick; the Trainer has no public hook that chooses the folder.
 * The attributes ``loss_is_scaled_for_ga``, ``model_accepts_loss_kwargs``, ``compute_loss_func`` and
   ``current_gradient_accumulation_steps``: the shadow must divide its loss for gradient accumulation
-  exactly as `Trainer.training_step` does, and these are what it decides by.
+  exactly as `Trainer.training_step` (and then `accelerator.backward`) does, and these are what it
+  decides by. A test (shadow of an unquantized model under accumulation and label smoothing equals the
+  model's gradient) catches a release that changes the rule; it caught 5.4's.
 
 Example:
     >>> from transformers import TrainingArguments
@@ -183,7 +185,11 @@ class AltGradTrainer(Trainer):
                 scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
                     self.compute_loss_func is not None
                 )
-            return loss if scaled else loss / self.current_gradient_accumulation_steps
+            if not scaled:
+                loss = loss / self.current_gradient_accumulation_steps
+            # `accelerator.backward` divides by accelerate's own accumulation steps too: 1 on recent
+            # transformers (the Trainer scales itself), the accumulation steps on older ones (5.4).
+            return loss / self.accelerator.gradient_accumulation_steps
 
         return loss_fn
 
