@@ -12,7 +12,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from altgrad.monitoring import MonitoringConfig, read_alerts
 from altgrad.monitoring.wandb_offline import find_run_dirs, read_offline_run
 from altgrad.training import AltGradTrainer, QuantRecipe
-from test_training import _Windows, tiny_gpt
+from test_trainer import _Windows, tiny_gpt
 
 # Delayed scaling (amax histories) and stochastic stored weights: both must survive a resume exactly.
 RECIPE = QuantRecipe.from_dict({"preset": "e5m2", "stored_weight": {"format": "E5M2", "rounding": "stochastic"}})

@@ -15,7 +15,7 @@ from altgrad.monitoring import MonitoringConfig, read_alerts
 from altgrad.monitoring import metrics as M
 from altgrad.monitoring.console import ConsoleCallback, MetricsFileCallback, format_log_line
 from altgrad.training import AltGradTrainer, QuantRecipe
-from test_training import _Windows, tiny_gpt
+from test_trainer import _Windows, tiny_gpt
 
 
 def _trainer(out, recipe, max_steps=6, monitoring=None, shadow_every=1, **kw) -> AltGradTrainer:

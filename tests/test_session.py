@@ -14,7 +14,7 @@ from transformers import TrainingArguments
 from altgrad.monitoring import MonitoringConfig
 from altgrad.monitoring import metrics as M
 from altgrad.training import AltGradTrainer, QuantSession
-from test_training import _Windows, tiny_gpt
+from test_trainer import _Windows, tiny_gpt
 
 REPO = Path(__file__).resolve().parents[1]
 

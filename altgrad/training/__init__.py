@@ -3,10 +3,13 @@
 One file per concern:
 
 =====================  ==========================================================================
-``recipe.py``          what is quantized and how: `QuantRecipe` / `TensorQuantSpec` (frozen data), presets
-``quantized_linear.py``  `quantize_model` -> `QuantLinear` (quantized operands in all three GEMMs),
-                       `TensorQuantizer` (one role's scaling state and statistics), `ModelQuantizer`
-``native_fp8.py``      the same GEMMs on FP8 tensor cores (`torch._scaled_mm`)
+``recipe.py``          what is quantized and how: `QuantRecipe` / `TensorQuantSpec` (frozen data, enums
+                       parsed once; tensor / row / 1xN block / NxN tile granularity), presets
+``quantized_linear.py``  `quantize_model` -> `QuantLinear` (quantized operands in all three GEMMs);
+                       `TensorQuantizer` = spec + `ScaleState` (checkpointable) + `StatsAccumulator`;
+                       `ModelQuantizer` (the per-step hooks)
+``native_fp8.py``      the same GEMMs on FP8 tensor cores (`torch._scaled_mm`); `NativeFP8Plan`, decided
+                       once per layer at conversion
 ``shadow.py``          `FP32ShadowModel`: the float32 twin that measures gradient fidelity
 ``session.py``         `QuantSession`: the per-step lifecycle any training loop drives (conversion,
                        shadow, statistics, bit-stall, non-finite verdict, metrics, alerts)
@@ -15,8 +18,27 @@ One file per concern:
 =====================  ==========================================================================
 """
 
-from altgrad.training.quantized_linear import ModelQuantizer, QuantLinear, TensorQuantizer, quantize_model
-from altgrad.training.recipe import RECIPE_PRESETS, TENSOR_ROLES, QuantRecipe, TensorQuantSpec, get_recipe
+from altgrad.training.native_fp8 import NativeFP8Plan
+from altgrad.training.quantized_linear import (
+    ModelQuantizer,
+    QuantLinear,
+    ScaleState,
+    StatsAccumulator,
+    TensorQuantizer,
+    quantize_model,
+)
+from altgrad.training.recipe import (
+    RECIPE_PRESETS,
+    TENSOR_ROLES,
+    AmaxAlgo,
+    Backend,
+    GranularityKind,
+    QuantRecipe,
+    Rounding,
+    Scaling,
+    TensorQuantSpec,
+    get_recipe,
+)
 from altgrad.training.session import QuantSession, StepVerdict, perplexity
 from altgrad.training.shadow import FP32ShadowModel, gradient_snr
 from altgrad.training.trainer import AltGradTrainer
@@ -27,8 +49,16 @@ __all__ = [
     "RECIPE_PRESETS",
     "TENSOR_ROLES",
     "get_recipe",
+    "Rounding",
+    "Scaling",
+    "GranularityKind",
+    "AmaxAlgo",
+    "Backend",
     "QuantLinear",
     "TensorQuantizer",
+    "ScaleState",
+    "StatsAccumulator",
+    "NativeFP8Plan",
     "ModelQuantizer",
     "quantize_model",
     "FP32ShadowModel",

@@ -10,6 +10,12 @@ Master weights stay in high precision (unless the recipe stores them quantized);
 into ``param.data`` around the forward pass. A `QuantLinear` keeps the `nn.Linear`'s own parameters
 (same objects, same state-dict keys), so a saved model is a plain model that loads without altgrad.
 
+Each role of each layer has a :class:`TensorQuantizer`, the composition of three parts that change at
+different rates: its frozen :class:`~altgrad.training.recipe.TensorQuantSpec` (never), its
+:class:`ScaleState` (per optimizer step; what checkpoints carry) and its :class:`StatsAccumulator`
+(per logged step). The autograd functions get those quantizers and a ``training`` flag, never the
+module.
+
 Example:
     >>> import torch.nn as nn
     >>> from altgrad.training import quantize_model, get_recipe
@@ -31,7 +37,6 @@ import torch.nn.functional as F
 from altgrad.quantization import (
     AmaxHistory,
     BitStallDetector,
-    Granularity,
     amax,
     compute_scale,
     dequantize,
@@ -42,127 +47,264 @@ from altgrad.quantization import (
     quantize_with_amax,
 )
 from altgrad.quantization.quantize import quantize_with_sums, stats_from_sums
-from altgrad.training.native_fp8 import NativeFP8LinearFunction, native_fp8_unsupported_reason
-from altgrad.training.recipe import TENSOR_ROLES, QuantRecipe, TensorQuantSpec
+from altgrad.training.native_fp8 import NativeFP8LinearFunction, NativeFP8Plan
+from altgrad.training.recipe import TENSOR_ROLES, Backend, GranularityKind, QuantRecipe, Scaling, TensorQuantSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TensorQuantizer", "QuantLinear", "ModelQuantizer", "quantize_model"]
+__all__ = ["TensorQuantizer", "ScaleState", "StatsAccumulator", "QuantLinear", "ModelQuantizer", "quantize_model"]
 
 SQNR_CAP_DB = 200.0  # reported for tensors the format carries exactly
 
 
-class TensorQuantizer:
-    """Quantizes one tensor role of one layer: keeps its scaling state and (on request) its statistics.
+def _scale_from_amax(spec: TensorQuantSpec, amax_value: torch.Tensor) -> torch.Tensor:
+    """The scale policy: the multiplier that maps ``amax_value`` into ``spec.format``."""
+    if spec.scale_format == "E8M0":
+        return mx_scale(amax_value, spec.format)
+    return compute_scale(amax_value, spec.format, margin=spec.margin, power_of_two=spec.power_of_two)
+
+
+class ScaleState:
+    """One role's scaling state: what a checkpoint must carry to resume its scales exactly.
 
     Delayed scaling follows Transformer Engine: the scale used during an optimizer step comes from the
     amax history of *previous* steps and is frozen for the whole step, while the step's own amax (the
     max over its micro-batches) joins the history when the next step begins. Freezing makes every
     recomputation of the step (gradient checkpointing) see the same scale, and makes the history count
-    optimizer steps. A driver announces steps with :meth:`begin_step` (the trainer does); without one,
-    each training call counts as a step. Evaluation calls (``record=False``) use the current scale and
-    change no state.
+    optimizer steps. A driver announces steps with :meth:`begin_step`; without one, each training call
+    counts as a step. Evaluation calls (``record=False``) use the current scale and change nothing.
+    Current scaling and no scaling keep no state (``state_dict()`` then holds no history).
 
-    Statistics accumulate as on-device tensors only while ``collect_stats`` is on (the trainer turns
-    it on for the steps it logs), so ordinary steps pay for quantization alone.
+    Example:
+        >>> from altgrad.training.recipe import TensorQuantSpec
+        >>> state = ScaleState(TensorQuantSpec("E4M3", scaling="delayed"))
+        >>> state.scale_for(torch.full((4,), 2.0)).item()   # first step: its own amax, 448 / 2
+        224.0
+        >>> state.observe_amax(torch.tensor(4.0)); state.begin_step()
+        >>> state.scale_for(torch.full((4,), 100.0)).item()  # from the history (amax 4), not from x
+        112.0
+        >>> sorted(state.state_dict())
+        ['history', 'step_amax', 'stepped']
+    """
+
+    def __init__(self, spec: TensorQuantSpec) -> None:
+        self.spec = spec
+        self.history = AmaxHistory(spec.amax_history_len) if spec.scaling is Scaling.DELAYED else None
+        self.stepped = False  # a driver calls begin_step()
+        self.step_amax: torch.Tensor | None = None  # this step's amax, not yet in the history
+        self.step_scale: torch.Tensor | None = None  # the scale frozen for this step
+        self.last_scale: torch.Tensor | None = None  # the last training call's scale (bit-stall reads it)
+
+    @property
+    def delayed(self) -> bool:
+        return self.history is not None
+
+    def begin_step(self) -> None:
+        """Start an optimizer step: last step's amax joins the history; the next scale is derived lazily."""
+        self.stepped = True
+        if self.history is not None and self.step_amax is not None:
+            self.history.update_amax(self.step_amax)
+        self.step_amax = None
+        self.step_scale = None
+
+    def observe_amax(self, current: torch.Tensor) -> None:
+        """Fold a training call's amax into this step's (delayed scaling; a no-op otherwise)."""
+        if self.history is not None:
+            self.step_amax = current if self.step_amax is None else torch.maximum(self.step_amax, current)
+
+    def _delayed_scale(self, x: torch.Tensor, record: bool) -> torch.Tensor:
+        if record and not self.stepped:
+            # No step boundaries announced: every training call is a step of its own.
+            self.begin_step()
+            self.stepped = False
+        if self.step_scale is not None:
+            return self.step_scale
+        if len(self.history):
+            source = self.history.get_amax(self.spec.amax_algo.value)
+        elif self.step_amax is not None:
+            source = self.step_amax
+        else:  # the very first step has no history: its own (first micro-batch's) amax
+            source = amax(x, self.spec.scale_granularity)
+            if record:
+                self.step_amax = source
+        scale = _scale_from_amax(self.spec, source)
+        if record:  # frozen for the rest of the step; evaluation before any step freezes nothing
+            self.step_scale = scale
+        return scale
+
+    def scale_for(self, x: torch.Tensor, record: bool = True) -> torch.Tensor | None:
+        """The multiplier for ``x``; ``record=False`` (evaluation) leaves the state untouched."""
+        scaling = self.spec.scaling
+        if scaling is Scaling.NONE:
+            scale = None
+        elif scaling is Scaling.DELAYED:
+            scale = self._delayed_scale(x, record)
+        else:
+            scale = _scale_from_amax(self.spec, amax(x, self.spec.scale_granularity))
+        if record:
+            self.last_scale = scale
+        return scale
+
+    def state_dict(self) -> dict:
+        # The layout of checkpoints written before the split (keys and values): keep it.
+        return {
+            "history": None if self.history is None else self.history.state_dict(),
+            "step_amax": None if self.step_amax is None else self.step_amax.detach().clone(),
+            "stepped": self.stepped,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.history is not None and state.get("history") is not None:
+            self.history.load_state_dict(state["history"])
+        self.step_amax = state.get("step_amax")
+        self.stepped = bool(state.get("stepped", False))
+        self.step_scale = None  # re-derived from the loaded history on the next training call
+
+
+class StatsAccumulator:
+    """One role's logged-step statistics, summed on device across calls until :meth:`pop`.
+
+    It holds the kernel's float64 sums (amax kept apart, as a max), the element count, and the per-call
+    dynamic-range share and mean scale; nothing is read to the host here. ``enabled`` is the switch the
+    trainer flips for the steps it logs, so ordinary steps pay for quantization alone.
+
+    Example:
+        >>> from altgrad.quantization.quantize import quantize_with_sums
+        >>> acc = StatsAccumulator("E4M3")
+        >>> q, sums = quantize_with_sums(torch.tensor([1000.0, 1.0]), "E4M3", None)
+        >>> acc.add(sums, q, None)
+        >>> stats = acc.pop()
+        >>> stats["overflow_rate"].item(), stats["amax"].item(), acc.pop()
+        (0.5, 1000.0, {})
+    """
+
+    def __init__(self, fmt: str) -> None:
+        self.format = fmt
+        self.enabled = False
+        self.count = 0  # calls accumulated since the last pop
+        self._sums: torch.Tensor | None = None
+        self._amax_seen: torch.Tensor | None = None
+        self._per_call: torch.Tensor | None = None
+        self._numel = 0
+
+    def add(self, sums: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None) -> None:
+        """Fold in one call: ``sums`` from the rounding pass over ``q`` (format units), with ``scale``."""
+        scale_mean = torch.ones((), device=q.device) if scale is None else scale.detach().float().mean()
+        per_call = torch.stack([dynamic_range_used(q, self.format), scale_mean])
+        if self._sums is None:
+            self._sums, self._amax_seen, self._per_call = sums, sums[0], per_call
+        else:
+            self._sums = self._sums + sums
+            self._amax_seen = torch.maximum(self._amax_seen, sums[0])
+            self._per_call = self._per_call + per_call
+        self._numel += q.numel()
+        self.count += 1
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        """Statistics since the last call (on-device 0-d tensors), then reset.
+
+        Rates pool every collected call (overflowing elements / elements seen), SQNR pools their
+        energies in the format's units, ``x * scale`` (so with current scaling a call weighs by its
+        scale squared; capped at ``SQNR_CAP_DB`` for exactly carried tensors), amax is a max, and
+        ``dynamic_range_used`` and ``scale`` are means over the calls.
+        """
+        if not self.count:
+            return {}
+        sums = torch.cat([self._amax_seen.view(1), self._sums[1:]])
+        out = stats_from_sums(sums, self._numel)
+        out["sqnr_db"] = out["sqnr_db"].clamp(max=SQNR_CAP_DB)
+        per_call = self._per_call / self.count
+        out["dynamic_range_used"], out["scale"] = per_call[0], per_call[1]
+        self._sums = self._amax_seen = self._per_call = None
+        self._numel = self.count = 0
+        return out
+
+
+class TensorQuantizer:
+    """Quantizes one tensor role of one layer: a frozen :class:`TensorQuantSpec` (``spec``), its
+    checkpointable :class:`ScaleState` (``state``) and its :class:`StatsAccumulator` (``stats``).
+
+    Calls with ``record=True`` (training) advance the scale state and, while ``collect_stats`` is on,
+    the statistics; ``record=False`` (evaluation) changes neither.
+
+    Example:
+        >>> from altgrad.training.recipe import TensorQuantSpec
+        >>> q = TensorQuantizer(TensorQuantSpec("E4M3", scaling="current"))
+        >>> q(torch.tensor([448.0, 1.0, 0.3])).tolist()   # amax 448 -> scale 1: E4M3's own grid
+        [448.0, 1.0, 0.3125]
+        >>> q.last_scale.item(), q.pop_stats()              # not collecting: nothing to pop
+        (1.0, {})
     """
 
     def __init__(self, spec: TensorQuantSpec, name: str = "") -> None:
         self.spec = spec
         self.name = name
-        if spec.granularity == "tensor":
-            self.granularity = Granularity.per_tensor()
-        elif spec.granularity == "row":
-            self.granularity = Granularity.per_row(-1)
-        else:
-            self.granularity = Granularity.per_block(spec.block_size)
-        self.history = AmaxHistory(spec.amax_history_len) if spec.scaling == "delayed" else None
-        self.collect_stats = False
-        # Logged-step statistics, summed on device across calls: the kernel's float64 sums (amax kept
-        # apart, as a max), the element count, and the per-call dynamic-range share and mean scale.
-        self._sums: torch.Tensor | None = None
-        self._amax_seen: torch.Tensor | None = None
-        self._per_call: torch.Tensor | None = None
-        self._numel = 0
-        self._stat_count = 0
-        self.last_scale: torch.Tensor | None = None
-        self._stepped = False  # a driver calls begin_step()
-        self._step_amax: torch.Tensor | None = None  # this step's amax, not yet in the history
-        self._step_scale: torch.Tensor | None = None  # the scale frozen for this step
+        self.granularity = spec.scale_granularity
+        self.state = ScaleState(spec)
+        self.stats = StatsAccumulator(spec.format)
+        # The rounding pass's options, as the plain values the kernels key their compiled variants on.
+        self._round_kwargs = dict(rounding=spec.rounding.value, saturate=spec.saturate)
 
-    # ------------------------------------------------------------------ scaling
+    # Views on the parts, under the names the rest of altgrad (and user code) has always used.
+    @property
+    def collect_stats(self) -> bool:
+        return self.stats.enabled
+
+    @collect_stats.setter
+    def collect_stats(self, enabled: bool) -> None:
+        self.stats.enabled = bool(enabled)
+
+    @property
+    def last_scale(self) -> torch.Tensor | None:
+        return self.state.last_scale
+
+    @property
+    def history(self) -> AmaxHistory | None:
+        return self.state.history
+
     def begin_step(self) -> None:
-        """Start an optimizer step: last step's amax joins the history; the next scale is derived lazily."""
-        self._stepped = True
-        if self.history is not None and self._step_amax is not None:
-            self.history.update_amax(self._step_amax)
-        self._step_amax = None
-        self._step_scale = None
-
-    def _scale_from_amax(self, amax_value: torch.Tensor) -> torch.Tensor:
-        spec = self.spec
-        if spec.scale_format == "E8M0":
-            return mx_scale(amax_value, spec.format)
-        return compute_scale(amax_value, spec.format, margin=spec.margin, power_of_two=spec.power_of_two)
-
-    def _delayed_scale(self, x: torch.Tensor, record: bool) -> torch.Tensor:
-        if record and not self._stepped:
-            # No step boundaries announced: every training call is a step of its own.
-            self.begin_step()
-            self._stepped = False
-        if self._step_scale is not None:
-            return self._step_scale
-        if len(self.history):
-            source = self.history.get_amax(self.spec.amax_algo)
-        elif self._step_amax is not None:
-            source = self._step_amax
-        else:  # the very first step has no history: its own (first micro-batch's) amax
-            source = amax(x, self.granularity)
-            if record:
-                self._step_amax = source
-        scale = self._scale_from_amax(source)
-        if record:  # frozen for the rest of the step; evaluation before any step freezes nothing
-            self._step_scale = scale
-        return scale
+        """Start an optimizer step (see :class:`ScaleState`)."""
+        self.state.begin_step()
 
     def scale_for(self, x: torch.Tensor, record: bool = True) -> torch.Tensor | None:
         """The multiplier for ``x``; ``record=False`` (evaluation) leaves the scaling state untouched."""
-        spec = self.spec
-        if spec.scaling == "none":
-            scale = None
-        elif spec.scaling == "delayed":
-            scale = self._delayed_scale(x, record)
-        else:
-            scale = self._scale_from_amax(amax(x, self.granularity))
-        if record:
-            self.last_scale = scale
-        return scale
+        return self.state.scale_for(x, record)
+
+    def pop_stats(self) -> dict[str, torch.Tensor]:
+        """Statistics since the last call, then reset (see :meth:`StatsAccumulator.pop`)."""
+        return self.stats.pop()
+
+    def state_dict(self) -> dict:
+        return self.state.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state.load_state_dict(state)
 
     # ------------------------------------------------------------------ quantize
     def _round(
         self, x: torch.Tensor, record: bool, dequant: bool, dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        spec = self.spec
-        scale = self.scale_for(x, record)
-        kwargs = dict(rounding=spec.rounding, saturate=spec.saturate)
+        spec, state, stats = self.spec, self.state, self.stats
+        scale = state.scale_for(x, record)
+        kwargs = self._round_kwargs
         current = None  # this call's amax, when the rounding pass produced it
-        if record and self.collect_stats and x.numel():
+        if record and stats.enabled and x.numel():
             # A logged step: the rounding pass also reduces overflow, underflow, SQNR and amax.
             # Fake-quantizing: q stays float32 (format units) until the scale is divided back out, as in
             # the fused path; a narrow x dtype could not hold x * scale.
             q, sums = quantize_with_sums(x, spec.format, scale, dtype=torch.float32 if dequant else dtype, **kwargs)
             current = sums[0].to(torch.float32)
-            self._accumulate(sums, q, scale)
+            stats.add(sums, q, scale)
             if dequant:
                 q = dequantize(q, scale).to(dtype or x.dtype)
-        elif record and self.history is not None and x.numel():
+        elif record and state.delayed and x.numel():
             # Delayed scaling knows its scale before the pass, so this step's amax comes out of the
             # same fused kernel that rounds x (no extra reduction over x).
             q, current = quantize_with_amax(x, spec.format, scale, dequantize=dequant, dtype=dtype, **kwargs)
         else:
             q = (fake_quantize if dequant else quantize)(x, spec.format, scale, dtype=dtype, **kwargs)
-        if self.history is not None and current is not None:
-            self._step_amax = current if self._step_amax is None else torch.maximum(self._step_amax, current)
+        if current is not None:
+            state.observe_amax(current)
         return q, scale
 
     def quantize(
@@ -177,74 +319,36 @@ class TensorQuantizer:
         ``dtype`` (default x's)."""
         return self._round(x, record, dequant=True, dtype=dtype)[0]
 
-    def _accumulate(self, sums: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None) -> None:
-        scale_mean = torch.ones((), device=q.device) if scale is None else scale.detach().float().mean()
-        per_call = torch.stack([dynamic_range_used(q, self.spec.format), scale_mean])
-        if self._sums is None:
-            self._sums, self._amax_seen, self._per_call = sums, sums[0], per_call
-        else:
-            self._sums = self._sums + sums
-            self._amax_seen = torch.maximum(self._amax_seen, sums[0])
-            self._per_call = self._per_call + per_call
-        self._numel += q.numel()
-        self._stat_count += 1
-
-    def pop_stats(self) -> dict[str, torch.Tensor]:
-        """Statistics since the last call (on-device 0-d tensors), then reset.
-
-        Rates pool every collected call (overflowing elements / elements seen), SQNR pools their
-        energies in the format's units, ``x * scale`` (so with current scaling a call weighs by its
-        scale squared; capped at ``SQNR_CAP_DB`` for exactly carried tensors), amax is a max, and
-        ``dynamic_range_used`` and ``scale`` are means over the calls.
-        """
-        if not self._stat_count:
-            return {}
-        sums = torch.cat([self._amax_seen.view(1), self._sums[1:]])
-        out = stats_from_sums(sums, self._numel)
-        out["sqnr_db"] = out["sqnr_db"].clamp(max=SQNR_CAP_DB)
-        per_call = self._per_call / self._stat_count
-        out["dynamic_range_used"], out["scale"] = per_call[0], per_call[1]
-        self._sums = self._amax_seen = self._per_call = None
-        self._numel = self._stat_count = 0
-        return out
-
-    def state_dict(self) -> dict:
-        return {
-            "history": None if self.history is None else self.history.state_dict(),
-            "step_amax": None if self._step_amax is None else self._step_amax.detach().clone(),
-            "stepped": self._stepped,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.history is not None and state.get("history") is not None:
-            self.history.load_state_dict(state["history"])
-        self._step_amax = state.get("step_amax")
-        self._stepped = bool(state.get("stepped", False))
-        self._step_scale = None
+    def __repr__(self) -> str:
+        return f"TensorQuantizer({self.name!r}, {self.spec.format}, {self.spec.scaling}, {self.spec.granularity})"
 
 
 class _QuantizedLinearFunction(torch.autograd.Function):
-    """y = Q_a(x) Q_w(W)^T + b; backward GEMMs on Q_g(dy) and the saved quantized operands."""
+    """y = Q_a(x) Q_w(W)^T + b; backward GEMMs on Q_g(dy) and the saved quantized operands.
+
+    ``apply(x, weight, bias, act_q, weight_q, grad_q, training)``: one :class:`TensorQuantizer` (or
+    None: that operand stays in high precision) per role, and whether this is a training call (scale
+    state and statistics advance) or an evaluation one (current scales, nothing recorded). It never
+    sees the module, so it could become a custom op of its own.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layer: "QuantLinear"):
-        record = layer.training  # evaluation quantizes with the current scales and records nothing
+    def forward(ctx, x, weight, bias, act_q, weight_q, grad_q, training: bool):
         # Under autocast the GEMM runs in the autocast dtype: the fused pass writes its operands in that
         # dtype directly (the values autocast's own cast would give, one pass and half the bytes fewer).
         device_type = x.device.type
         gemm_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        xq = layer.quantizers["activation"](x, record, gemm_dtype) if "activation" in layer.quantizers else x
-        wq = layer.quantizers["weight"](weight, record, gemm_dtype) if "weight" in layer.quantizers else weight
+        xq = act_q(x, training, gemm_dtype) if act_q is not None else x
+        wq = weight_q(weight, training, gemm_dtype) if weight_q is not None else weight
         ctx.save_for_backward(xq, wq)
-        ctx.layer = layer
+        ctx.grad_q, ctx.training = grad_q, training
         ctx.has_bias = bias is not None
         return F.linear(xq, wq, bias)  # (..., out)
 
     @staticmethod
     def backward(ctx, grad_out):
         xq, wq = ctx.saved_tensors
-        layer = ctx.layer
-        gq = layer.quantizers["grad_output"](grad_out, layer.training) if "grad_output" in layer.quantizers else grad_out
+        gq = ctx.grad_q(grad_out, ctx.training) if ctx.grad_q is not None else grad_out
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = gq @ wq.to(gq.dtype)  # (..., in)
@@ -255,16 +359,23 @@ class _QuantizedLinearFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             # The bias gradient is a reduction, not a GEMM: kept in high precision, as FP8 kernels do.
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+_UNCHECKED = object()  # a device whose native-FP8 support has not been looked up yet
 
 
 class QuantLinear(nn.Linear):
     """An `nn.Linear` whose GEMMs see quantized operands. Same parameters and state-dict keys.
 
-    Build one with :meth:`from_linear`; it shares the original layer's parameters.
+    Build one with :meth:`from_linear`; it shares the original layer's parameters. With the
+    ``native_fp8`` backend, ``native_plan`` holds what conversion decided (see
+    :class:`~altgrad.training.native_fp8.NativeFP8Plan`); only the input's device (looked up once per
+    device) and shape are checked per call.
     """
 
     quantizers: dict[str, TensorQuantizer]
+    native_plan: NativeFP8Plan
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: QuantRecipe, name: str = "") -> "QuantLinear":
@@ -274,24 +385,52 @@ class QuantLinear(nn.Linear):
         new.weight = linear.weight
         new.bias = linear.bias
         new.layer_name = name
-        new.native = recipe.backend == "native_fp8"
-        new._fallback_notes = set()
         new.quantizers = {}
         for role in ("weight", "activation", "grad_output"):
             spec = getattr(recipe, role)
             if spec is not None:
                 new.quantizers[role] = TensorQuantizer(spec, f"{name}/{role}")
+        new.native_plan = NativeFP8Plan.for_layer(
+            {r: getattr(recipe, r) for r in ("activation", "weight", "grad_output")},
+            linear.in_features,
+            linear.out_features,
+        )
+        new._device_reasons = {}  # device -> why it cannot run natively (None: it can)
+        new._notes = set()  # notes logged so far: one per layer and note
+        # Whether forward tries the FP8 GEMMs at all: a layer the plan rules out says so once, here,
+        # and from then on runs the simulated path without a check.
+        new.native = recipe.backend is Backend.NATIVE_FP8 and new.native_plan.reason is None
+        if recipe.backend is Backend.NATIVE_FP8 and not new.native:
+            new._note(f"{name} runs simulated: {new.native_plan.reason}")
         return new
+
+    def _operands(self) -> tuple[TensorQuantizer | None, TensorQuantizer | None, TensorQuantizer | None]:
+        # The autograd functions' quantizer arguments, in their order (None: that operand stays as is).
+        q = self.quantizers
+        return q.get("activation"), q.get("weight"), q.get("grad_output")
+
+    def _note(self, message: str) -> None:
+        if message not in self._notes:
+            self._notes.add(message)
+            logger.warning("altgrad native_fp8: %s", message)
+
+    def _native_reason(self, x: torch.Tensor) -> str | None:
+        device = x.device
+        reason = self._device_reasons.get(device, _UNCHECKED)
+        if reason is _UNCHECKED:
+            reason = self._device_reasons[device] = self.native_plan.device_reason(device)
+            if reason is None:  # the first time this layer runs natively: what runs in float32
+                for note in self.native_plan.notes:
+                    self._note(f"{self.layer_name}: {note}")
+        return reason if reason is not None else self.native_plan.input_reason(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:
-            reason = native_fp8_unsupported_reason(self, x)
+            reason = self._native_reason(x)
             if reason is None:
-                return NativeFP8LinearFunction.apply(x, self.weight, self.bias, self)
-            if reason not in self._fallback_notes:  # one note per layer and reason
-                self._fallback_notes.add(reason)
-                logger.warning("altgrad native_fp8: %s runs simulated: %s", self.layer_name, reason)
-        return _QuantizedLinearFunction.apply(x, self.weight, self.bias, self)
+                return NativeFP8LinearFunction.apply(x, self.weight, self.bias, *self._operands(), self.training)
+            self._note(f"{self.layer_name} runs simulated: {reason}")  # one note per layer and reason
+        return _QuantizedLinearFunction.apply(x, self.weight, self.bias, *self._operands(), self.training)
 
     def to_linear(self) -> nn.Linear:
         plain = nn.Linear.__new__(nn.Linear)
@@ -471,15 +610,27 @@ def quantize_model(
 
 
 def _check_blocks(name: str, module: nn.Linear, recipe: QuantRecipe) -> None:
+    """Fail at conversion, naming the layer, when a block or tile size does not divide what it tiles."""
     for role in TENSOR_ROLES:
         spec = getattr(recipe, role)
-        if spec is None or spec.granularity != "block":
+        if spec is None:
             continue
-        # activation / grad_output blocks run along in_features / out_features; weights along in_features
-        dims = {"activation": module.in_features, "grad_output": module.out_features}.get(role, module.in_features)
-        if dims % spec.block_size:
-            raise ValueError(
-                f"{name}: {role} block size {spec.block_size} does not divide its last dim ({dims}); "
-                "choose a block size that divides every selected layer's width"
-            )
-
+        n = spec.block_size
+        if spec.granularity is GranularityKind.BLOCK:
+            # activation / grad_output blocks run along in_features / out_features; weights along in_features
+            dims = {"activation": module.in_features, "grad_output": module.out_features}.get(role, module.in_features)
+            if dims % n:
+                raise ValueError(
+                    f"{name}: {role} block size {n} does not divide its last dim ({dims}); "
+                    "choose a block size that divides every selected layer's width"
+                )
+        elif spec.granularity is GranularityKind.TILE:
+            # The recipe admits tiles on the weight-shaped roles only; each is (out_features, in_features).
+            shape = (module.out_features, module.in_features)
+            if role not in ("weight", "weight_grad", "stored_weight"):
+                raise ValueError(f"{name}: {role} tiles need a 2-D tensor of fixed shape")
+            if any(d % n for d in shape):
+                raise ValueError(
+                    f"{name}: {role} tiles of {n}x{n} do not divide its shape (out, in) = {shape}; choose a tile "
+                    "size that divides both dims of every selected layer"
+                )

@@ -13,7 +13,7 @@ Recipes load from plain dicts / YAML, and the presets below are ordinary recipes
 
 Example:
     >>> r = get_recipe("fp8_hybrid")
-    >>> r.weight.format, r.grad_output.format, r.weight.scaling
+    >>> r.weight.format, r.grad_output.format, r.weight.scaling.value
     ('E4M3', 'E5M2', 'delayed')
     >>> QuantRecipe.from_dict({"name": "mine", "weight": {"format": "e3m4"}}).weight.format
     'E3M4'
@@ -23,17 +23,104 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from typing import Any
 
-from altgrad.quantization import ROUNDING_MODES, get_format
+from altgrad.quantization import ROUNDING_MODES, Granularity, get_format
 
-__all__ = ["TensorQuantSpec", "QuantRecipe", "RECIPE_PRESETS", "get_recipe", "TENSOR_ROLES"]
+__all__ = [
+    "TensorQuantSpec",
+    "QuantRecipe",
+    "RECIPE_PRESETS",
+    "get_recipe",
+    "TENSOR_ROLES",
+    "Rounding",
+    "Scaling",
+    "GranularityKind",
+    "AmaxAlgo",
+    "Backend",
+]
 
 TENSOR_ROLES = ("weight", "activation", "grad_output", "weight_grad", "stored_weight")
-_SCALINGS = ("delayed", "current", "none")
-_GRANULARITIES = ("tensor", "row", "block")
-_AMAX_ALGOS = ("max", "most_recent")
-_BACKENDS = ("simulated", "native_fp8")
+# Roles whose tensor is always a (out_features, in_features) matrix: the only ones 2-D tiles can cover.
+# Activations and output gradients are (..., features) with an input-dependent number of leading dims.
+_MATRIX_ROLES = ("weight", "weight_grad", "stored_weight")
+
+
+class _Choice(str, Enum):
+    """A closed set of YAML strings, parsed once.
+
+    Members are ``str`` subclasses that compare equal to, hash like, and print as their value, so code
+    written against the plain strings (``spec.scaling == "delayed"``, ``f"{spec.rounding}"``) keeps
+    working; ``to_dict()`` emits ``.value`` so YAML and checkpoints only ever see plain strings.
+    """
+
+    def __str__(self) -> str:  # Python 3.10 would print "Rounding.NEAREST"
+        return self.value
+
+    def __format__(self, format_spec: str) -> str:  # and 3.12 would do so in f-strings
+        return format(self.value, format_spec)
+
+    @classmethod
+    def parse(cls, value: Any, name: str):
+        """The member for ``value`` (a member or its string, case-insensitive); ValueError naming the
+        accepted values otherwise."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls(value.strip().lower())
+            except ValueError:
+                pass
+        raise ValueError(f"{name}={value!r} is not accepted; accepted: {[m.value for m in cls]}")
+
+
+class Rounding(_Choice):
+    """How values between two grid points are rounded (see ``altgrad.quantization.ROUNDING_MODES``).
+
+    Example:
+        >>> Rounding.parse("Stochastic", "rounding") == "stochastic"
+        True
+    """
+
+    NEAREST = "nearest"
+    STOCHASTIC = "stochastic"
+    ZERO = "zero"
+
+
+class Scaling(_Choice):
+    """Where the scale comes from: an amax history (delayed), this tensor (current), or nowhere (none)."""
+
+    DELAYED = "delayed"
+    CURRENT = "current"
+    NONE = "none"
+
+
+class GranularityKind(_Choice):
+    """Which elements share one scale (the tiling itself is :attr:`TensorQuantSpec.scale_granularity`)."""
+
+    TENSOR = "tensor"
+    ROW = "row"
+    BLOCK = "block"
+    TILE = "tile"
+
+
+class AmaxAlgo(_Choice):
+    """How a delayed-scaling amax history is reduced to one amax."""
+
+    MAX = "max"
+    MOST_RECENT = "most_recent"
+
+
+class Backend(_Choice):
+    """Who runs the GEMMs of a recipe's layers."""
+
+    SIMULATED = "simulated"
+    NATIVE_FP8 = "native_fp8"
+
+
+# The kernel's own list is the source of truth; a mode added there must be added here (and vice versa).
+assert {m.value for m in Rounding} == set(ROUNDING_MODES), (sorted(ROUNDING_MODES), list(Rounding))
 
 
 def _reject_unknown(cls, data: dict, where: str) -> None:
@@ -45,32 +132,44 @@ def _reject_unknown(cls, data: dict, where: str) -> None:
 
 @dataclass(frozen=True)
 class TensorQuantSpec:
-    """How one tensor role is quantized.
+    """How one tensor role is quantized. Strings are parsed into the enums once, here.
+
+    ``scale_granularity`` (derived, not a field) is the :class:`altgrad.quantization.Granularity` that
+    ``granularity`` and ``block_size`` describe.
 
     Example:
-        >>> TensorQuantSpec("E5M2", scaling="current", granularity="row").granularity
-        'row'
+        >>> spec = TensorQuantSpec("E5M2", scaling="current", granularity="ROW")
+        >>> spec.granularity is GranularityKind.ROW, spec.granularity == "row", spec.to_dict()["granularity"]
+        (True, True, 'row')
+        >>> TensorQuantSpec("E4M3", scaling="current", granularity="tile", block_size=128).scale_granularity
+        Granularity(kind='block', axis=-1, block_shape=(128, 128))
     """
 
     # Target format: a registry name (case-insensitive) such as "E4M3", "E5M2", "E3M4", "E2M1".
     format: str = "E4M3"
     # "nearest" is what hardware casts do; "stochastic" is unbiased, so tiny updates survive on
     # average (the usual cure for bit-stall) at the price of extra noise; "zero" truncates.
-    rounding: str = "nearest"
+    rounding: Rounding = Rounding.NEAREST
     # "delayed": scale from an amax history of past steps (Transformer Engine; no extra pass before
     # the GEMM, but an outlier overflows once). "current": from this tensor's own amax (exact range
     # use, one extra reduction). "none": no scaling at all (the raw format range; shows why scaling
     # matters).
-    scaling: str = "delayed"
-    # "tensor": one scale; "row": one per row (amax over the last dim); "block": one per block of
-    # `block_size` elements along the last dim (block 32 + scale_format E8M0 is MX).
-    granularity: str = "tensor"
-    # Elements per block for granularity "block" (32 for MX, 128 for DeepSeek-V3-style 1x128).
+    scaling: Scaling = Scaling.DELAYED
+    # Which elements share one scale:
+    #   "tensor": one scale;
+    #   "row":    one per row (amax over the last dim);
+    #   "block":  one per 1 x block_size run along the last dim (block 32 + scale_format E8M0 is MX;
+    #             128 is DeepSeek-V3's activation blocks);
+    #   "tile":   one per block_size x block_size tile of a matrix (128 is DeepSeek-V3's weight tiles).
+    #             Only for the matrix roles (weight, weight_grad, stored_weight): activations and output
+    #             gradients have input-dependent leading dims.
+    granularity: GranularityKind = GranularityKind.TENSOR
+    # Block length ("block") or tile side ("tile"); unused otherwise.
     block_size: int = 32
     # Delayed scaling: steps of amax history and how they are reduced ("max" is robust, "most_recent"
     # tracks faster).
     amax_history_len: int = 16
-    amax_algo: str = "max"
+    amax_algo: AmaxAlgo = AmaxAlgo.MAX
     # Headroom: the scale maps amax to max_value / 2**margin. Larger margins overflow less and
     # underflow more.
     margin: int = 0
@@ -92,24 +191,22 @@ class TensorQuantSpec:
         for name in ("power_of_two", "saturate"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        checks = [
-            ("rounding", self.rounding, ROUNDING_MODES),
-            ("scaling", self.scaling, _SCALINGS),
-            ("granularity", self.granularity, _GRANULARITIES),
-            ("amax_algo", self.amax_algo, _AMAX_ALGOS),
-        ]
-        for name, value, accepted in checks:
-            if value not in accepted:
-                raise ValueError(f"{name}={value!r} is not accepted; accepted: {list(accepted)}")
+        for name, kind in (
+            ("rounding", Rounding),
+            ("scaling", Scaling),
+            ("granularity", GranularityKind),
+            ("amax_algo", AmaxAlgo),
+        ):
+            object.__setattr__(self, name, kind.parse(getattr(self, name), name))
         for name in ("block_size", "amax_history_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(self.margin, int) or isinstance(self.margin, bool):
             raise ValueError(f"margin must be an int (a power-of-two exponent), got {self.margin!r}")
-        if self.scaling == "delayed" and self.granularity != "tensor":
+        if self.scaling is Scaling.DELAYED and self.granularity is not GranularityKind.TENSOR:
             raise ValueError(
-                f"delayed scaling keeps one amax history per tensor; granularity={self.granularity!r} needs "
+                f"delayed scaling keeps one amax history per tensor; granularity={self.granularity.value!r} needs "
                 "scaling='current'"
             )
         if self.scale_format is not None:
@@ -117,8 +214,22 @@ class TensorQuantSpec:
             if sfmt.name != "E8M0":
                 raise ValueError(f"scale_format must be None (float32) or 'E8M0', got {self.scale_format!r}")
             object.__setattr__(self, "scale_format", sfmt.name)
-            if self.scaling != "current":
+            if self.scaling is not Scaling.CURRENT:
                 raise ValueError("E8M0 (MX) scales are computed per block from the current tensor: use scaling='current'")
+        # The scale tiling in altgrad.quantization's terms, built once: every quantizer call needs it.
+        # A plain attribute, not a field (it is derived, so equality and to_dict() ignore it), and not a
+        # cached_property, whose lock torch.compile would have to trace on Python 3.11.
+        object.__setattr__(self, "scale_granularity", self._scale_granularity())
+
+    def _scale_granularity(self) -> Granularity:
+        kind = self.granularity
+        if kind is GranularityKind.TENSOR:
+            return Granularity.per_tensor()
+        if kind is GranularityKind.ROW:
+            return Granularity.per_row(-1)
+        if kind is GranularityKind.BLOCK:
+            return Granularity.per_block(self.block_size)  # (1, block_size)
+        return Granularity.per_block(self.block_size, self.block_size)
 
     @classmethod
     def from_dict(cls, data: dict | "TensorQuantSpec" | None, where: str = "spec") -> "TensorQuantSpec | None":
@@ -132,7 +243,8 @@ class TensorQuantSpec:
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain YAML data: the enums as their strings (the format checkpoints store and compare)."""
+        return {k: v.value if isinstance(v, Enum) else v for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass(frozen=True)
@@ -159,7 +271,7 @@ class QuantRecipe:
     exclude: tuple[str, ...] = ()
     # "simulated": fake-quantized operands, float32/bf16 GEMMs (any format). "native_fp8": real FP8
     # GEMMs (torch._scaled_mm) on Hopper for E4M3/E5M2 roles, simulation elsewhere.
-    backend: str = "simulated"
+    backend: Backend = Backend.SIMULATED
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -172,8 +284,14 @@ class QuantRecipe:
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"recipe.{attr} must be a list of module-name patterns, got {value!r}")
             object.__setattr__(self, attr, tuple(value))
-        if self.backend not in _BACKENDS:
-            raise ValueError(f"recipe.backend={self.backend!r} is not accepted; accepted: {list(_BACKENDS)}")
+        object.__setattr__(self, "backend", Backend.parse(self.backend, "recipe.backend"))
+        for role in TENSOR_ROLES:
+            spec = getattr(self, role)
+            if spec is not None and spec.granularity is GranularityKind.TILE and role not in _MATRIX_ROLES:
+                raise ValueError(
+                    f"recipe.{role}: granularity 'tile' needs a 2-D tensor, but {role} has input-dependent leading "
+                    f"dims; tiles are for {list(_MATRIX_ROLES)}, use 'block' (1 x block_size) for {role}"
+                )
 
     def roles(self) -> list[str]:
         """The roles this recipe quantizes."""
@@ -208,7 +326,7 @@ class QuantRecipe:
         for role in TENSOR_ROLES:
             spec = getattr(self, role)
             out[role] = None if spec is None else spec.to_dict()
-        out.update(modules=list(self.modules), exclude=list(self.exclude), backend=self.backend)
+        out.update(modules=list(self.modules), exclude=list(self.exclude), backend=self.backend.value)
         if self.description:
             out["description"] = self.description
         return out
