@@ -15,20 +15,19 @@ Everything here is framework-free (torch, safetensors, json): a plain loop uses 
 Example:
     >>> import tempfile, os
     >>> root = tempfile.mkdtemp()
-    >>> with staged_dir(os.path.join(root, "checkpoint-4")) as tmp:
-    ...     _ = open(os.path.join(tmp, "weights"), "w").write("...")
-    >>> sorted(os.listdir(root))
-    ['checkpoint-4']
+    >>> for step in (10, 20, 30):
+    ...     os.makedirs(os.path.join(root, f"step-{step}-nonfinite_loss"))
+    >>> rotate_anomalies(root, keep=2); sorted(os.listdir(root))
+    ['step-20-nonfinite_loss', 'step-30-nonfinite_loss']
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -48,7 +47,6 @@ __all__ = [
     "rotate_anomalies",
     "save_rng_state",
     "save_session_state",
-    "staged_dir",
     "verify_checkpoint_files",
 ]
 
@@ -67,25 +65,6 @@ class CheckpointError(ValueError):
 
 
 # --------------------------------------------------------------------------------------- writing
-@contextlib.contextmanager
-def staged_dir(final: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary sibling folder to write into; renamed to ``final`` (replacing it) only when the
-    block finishes, so a crash mid-write never leaves a half-written ``final``."""
-    final = os.fspath(final)
-    parent, name = os.path.split(os.path.normpath(final))
-    tmp = os.path.join(parent, f".tmp-{name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.isdir(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
 def _atomic_write(path: str, write) -> None:
     tmp = path + ".tmp"
     write(tmp)
