@@ -138,6 +138,20 @@ def test_anomaly_keep_last_null_keeps_every_anomaly_checkpoint(tmp_path):
     assert not any(name.startswith(".tmp") for name in anomalies)
 
 
+def _read_finished(run_dir, timeout=30.0):
+    """The offline run once its writer has written the exit record: `wandb.finish()` can return before the
+    W&B service process has flushed the last records to the .wandb file (seen on a loaded 2-core machine)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    run = read_offline_run(run_dir)
+    while not run.finished and time.monotonic() < deadline:
+        time.sleep(0.2)
+        run = read_offline_run(run_dir)
+    assert run.finished, f"{run_dir}: W&B never wrote the run's exit record"
+    return run
+
+
 def test_wandb_offline_run_holds_metrics_and_alerts_and_resume_continues_it(tmp_path, monkeypatch):
     import wandb
 
@@ -153,7 +167,7 @@ def test_wandb_offline_run_holds_metrics_and_alerts_and_resume_continues_it(tmp_
     wandb.finish()
     runs = find_run_dirs(tmp_path)
     assert len(runs) == 1
-    run = read_offline_run(runs[0])
+    run = _read_finished(runs[0])
     logged = [row for row in run.history if "train/loss" in row]
     assert len(logged) == 4
     assert all("train/grad_cos_sim/mean" in row and "train/quantization/bit_stall_rate" in row for row in logged)
