@@ -107,9 +107,10 @@ class ModelSection:
 class QuantizationSection:
     """Which low-precision recipe to simulate, and how often to compare against the FP32 shadow."""
 
-    # A preset name (bf16, e5m2, fp8_hybrid, mxfp8, e3m4, e2m5, e1m6, e7m0), a full recipe dict, or
-    # {preset: NAME, ...overrides}; anything QuantRecipe.from_dict accepts.
-    recipe: Union[str, dict] = "bf16"
+    # A preset name (fp32 or none, bf16, e5m2, fp8_hybrid, mxfp8, e3m4, e2m5, e1m6, e7m0), a full recipe
+    # dict, or {preset: NAME, ...overrides}; anything QuantRecipe.from_dict accepts. "fp32" quantizes
+    # nothing; "bf16" rounds the GEMM operands to BF16 (it meant "nothing" until altgrad 0.1).
+    recipe: Union[str, dict] = "fp32"
     # Run the FP32 shadow backward every N optimizer steps (grad_cos_sim/* metrics); null = never.
     # Every step is the most faithful and costs roughly one extra forward/backward.
     shadow_every: Union[int, None] = 1
@@ -361,7 +362,7 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
             # `quantization.recipe.exclude=[...]` on top of a preset name: edit the preset.
             child = {"preset": child}
         elif child is None:
-            child = {"preset": "bf16"} if parts[: i + 1] == ["quantization", "recipe"] else {}
+            child = {"preset": "fp32"} if parts[: i + 1] == ["quantization", "recipe"] else {}
         elif not isinstance(child, dict):
             raise ValueError(f"override {key!r}: {'.'.join(parts[: i + 1])!r} is {child!r}, not a section")
         node[part] = child

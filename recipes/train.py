@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "config sections (see altgrad/config.py and recipes/configs/*.yaml):\n"
             "  model.*         n_layer n_head n_embd block_size dropout bias\n"
             "  data.*          altgrad.data.DataConfig: source path tokenizer bpe_vocab_size cache_dir max_eval_blocks ...\n"
-            "  quantization.*  recipe (preset name or dict: bf16 e5m2 fp8_hybrid mxfp8 e3m4 e2m5 e1m6 e7m0), shadow_every\n"
+            "  quantization.*  recipe (preset name or dict: fp32 bf16 e5m2 fp8_hybrid mxfp8 e3m4 e2m5 e1m6 e7m0), shadow_every\n"
             "  training.*      any transformers.TrainingArguments field, plus min_lr, resume_from_checkpoint, project, tags\n"
             "  monitoring.*    altgrad.monitoring.MonitoringConfig: bit_stall_threshold overflow_threshold cos_sim_floor ...\n"
             "\nexamples:\n"
@@ -121,6 +121,7 @@ def setup(config_path: str, overrides: list[str]):
     from transformers import set_seed
 
     from altgrad.config import load_config
+    from altgrad.training.recipe import preset_note
 
     cfg = load_config(config_path, overrides)
     # TrainingArguments' own checks (and the device/process setup) before any data work.
@@ -137,6 +138,9 @@ def setup(config_path: str, overrides: list[str]):
     if is_main:
         print(f"experiment: {config_path} -> {training_args.output_dir}")
         print(f"world_size={world_size} device={training_args.device}{threads} recipe={cfg.recipe.name}", flush=True)
+        note = preset_note(cfg.quantization.recipe)
+        if note:
+            print(f"note: {note}", flush=True)
     _configure_wandb(cfg, training_args)
 
     set_seed(cfg.training.seed)

@@ -15,10 +15,10 @@ from test_trainer import tiny_gpt
 
 # --------------------------------------------------------------------------- recipes
 def test_presets_and_yaml_friendly_round_trip():
-    for name in ("bf16", "e5m2", "fp8_hybrid", "mxfp8", "e3m4", "e2m5", "e1m6", "e7m0"):
+    for name in ("fp32", "bf16", "e5m2", "fp8_hybrid", "mxfp8", "e3m4", "e2m5", "e1m6", "e7m0"):
         r = get_recipe(name)
         assert QuantRecipe.from_dict(r.to_dict()) == r
-    assert get_recipe("bf16").is_noop
+    assert get_recipe("fp32").is_noop
     hybrid = get_recipe("fp8_hybrid")
     assert (hybrid.weight.format, hybrid.activation.format, hybrid.grad_output.format) == ("E4M3", "E4M3", "E5M2")
     custom = QuantRecipe.from_dict({"preset": "e5m2", "stored_weight": {"format": "e5m2", "rounding": "stochastic"}})

@@ -74,9 +74,9 @@ def single_run(workdir, shakespeare_path) -> Path:
 
 @pytest.fixture(scope="module")
 def ddp_run(workdir, shakespeare_path) -> tuple[Path, str]:
-    """Two gloo CPU processes (accelerate_config_cpu2.yaml), bf16 recipe: the comparison baseline."""
-    out = workdir / "bf16_ddp_run"
-    cfg = _tiny_config(workdir / "tiny_bf16.yaml", shakespeare_path, workdir / "cache", out, "bf16")
+    """Two gloo CPU processes (accelerate_config_cpu2.yaml), fp32 recipe: the comparison baseline."""
+    out = workdir / "fp32_ddp_run"
+    cfg = _tiny_config(workdir / "tiny_fp32.yaml", shakespeare_path, workdir / "cache", out, "fp32")
     log = workdir / "ddp.log"
     proc = _launch("accelerate_config_cpu2.yaml", cfg, log)
     text = log.read_text()
@@ -104,7 +104,7 @@ def test_baby_gpt_config_matches_nanogpt():
     assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.block_size) == (6, 6, 384, 256)
     assert cfg.model.dropout == 0.2 and cfg.training.learning_rate == 1e-3 and cfg.training.min_lr == 1e-4
     assert cfg.training.max_steps == 5000 and cfg.training.per_device_train_batch_size == 64
-    assert cfg.training.adam_beta2 == 0.99 and cfg.training.eval_steps == 250 and cfg.recipe.name == "bf16"
+    assert cfg.training.adam_beta2 == 0.99 and cfg.training.eval_steps == 250 and cfg.recipe.name == "fp32"
     args = cfg.training_arguments(use_cpu=True)
     assert args.lr_scheduler_type.value == "cosine_with_min_lr" and args.lr_scheduler_kwargs == {"min_lr": 1e-4}
     assert args.warmup_steps == 100 and args.max_grad_norm == 1.0 and args.weight_decay == 0.1
@@ -360,7 +360,7 @@ def test_bad_data_exits_2_with_one_line(workdir, shakespeare_path, tmp_path):
     empty.write_text("")
     small = tmp_path / "small.txt"
     small.write_text("To be, or not to be.\n" * 3)
-    cfg = _tiny_config(workdir / "bad_data.yaml", shakespeare_path, tmp_path / "cache", tmp_path / "out", "bf16")
+    cfg = _tiny_config(workdir / "bad_data.yaml", shakespeare_path, tmp_path / "cache", tmp_path / "out", "fp32")
     _assert_one_line_error(_train_py("--config", str(cfg), f"data.path={empty}"), "is empty")
     _assert_one_line_error(_train_py("--config", str(cfg), f"data.path={small}"), "block")
 
@@ -440,9 +440,9 @@ def test_compare_writes_report_and_plots(single_run, ddp_run, tmp_path):
     for column in ("final loss", "val loss", "val ppl", "val loss / baseline", "mean cos sim", "mean bit-stall",
                    "max overflow", "alerts", "wall time", "tokens/s", "verdict"):
         assert column in header, column
-    rows = [line for line in report.splitlines() if line.startswith(("| e5m2_run", "| bf16_ddp_run"))]
+    rows = [line for line in report.splitlines() if line.startswith(("| e5m2_run", "| fp32_ddp_run"))]
     assert len(rows) == 2 and all("PASS" in r or "INVESTIGATE" in r for r in rows)
-    assert "| bf16_ddp_run (baseline) |" in report and "| 1.000 |" in report
+    assert "| fp32_ddp_run (baseline) |" in report and "| 1.000 |" in report
     for png in ("loss.png", "cos_sim.png", "bit_stall.png", "overflow.png", "bit_stall_heatmap_e5m2_run.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 200_000, png

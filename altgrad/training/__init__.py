@@ -10,6 +10,8 @@ One file per concern:
                        `ModelQuantizer` (the per-step hooks)
 ``native_fp8.py``      the same GEMMs on FP8 tensor cores (`torch._scaled_mm`); `NativeFP8Plan`, decided
                        once per layer at conversion
+``optimizer_states.py``  `OptimizerStateQuantizer`: Adam's moments rounded into the recipe's
+                       ``optimizer_m`` / ``optimizer_v`` formats after every step
 ``shadow.py``          `FP32ShadowModel`: the float32 twin that measures gradient fidelity
 ``session.py``         `QuantSession`: the per-step lifecycle any training loop drives (conversion,
                        shadow, statistics, bit-stall, non-finite verdict, metrics, alerts)
@@ -27,17 +29,21 @@ from altgrad.training.quantized_linear import (
     TensorQuantizer,
     quantize_model,
 )
+from altgrad.training.optimizer_states import OptimizerStateQuantizer
 from altgrad.training.recipe import (
+    OPTIMIZER_ROLES,
     RECIPE_PRESETS,
     TENSOR_ROLES,
     AmaxAlgo,
     Backend,
+    Compensation,
     GranularityKind,
     QuantRecipe,
     Rounding,
     Scaling,
     TensorQuantSpec,
     get_recipe,
+    recipe_mismatch,
 )
 from altgrad.training.session import QuantSession, StepVerdict, perplexity
 from altgrad.training.shadow import FP32ShadowModel, gradient_snr
@@ -48,7 +54,11 @@ __all__ = [
     "TensorQuantSpec",
     "RECIPE_PRESETS",
     "TENSOR_ROLES",
+    "OPTIMIZER_ROLES",
     "get_recipe",
+    "recipe_mismatch",
+    "Compensation",
+    "OptimizerStateQuantizer",
     "Rounding",
     "Scaling",
     "GranularityKind",

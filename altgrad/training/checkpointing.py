@@ -112,7 +112,7 @@ def load_session_state(folder: str | os.PathLike, session, map_location: Any = "
         except Exception as exc:  # noqa: BLE001 - any unpickling error means a corrupt file
             raise unreadable(folder, QUANT_STATE_FILE, exc) from None
         session.quantizer.load_state_dict(state)
-    elif session.quantizer.layers:
+    elif session.quantizer.has_state:
         raise CheckpointError(
             f"checkpoint {folder} has no {QUANT_STATE_FILE}: it was not written by altgrad with recipe "
             f"{session.recipe.name!r}"
@@ -177,12 +177,11 @@ def check_compatible(checkpoint: str, model_config: Any, recipe) -> None:
         if diff:
             detail = ", ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, (a, b) in diff.items())
             raise CheckpointError(f"checkpoint {checkpoint} was trained with a different architecture ({detail})")
-    saved_recipe = read_run_info(checkpoint).get("recipe")
-    if saved_recipe is not None and saved_recipe != recipe.to_dict():
-        raise CheckpointError(
-            f"checkpoint {checkpoint} was trained with recipe {saved_recipe.get('name')!r}, this run uses "
-            f"{recipe.name!r}; resume with the same quantization recipe"
-        )
+    from altgrad.training.recipe import recipe_mismatch
+
+    problem = recipe_mismatch(read_run_info(checkpoint).get("recipe"), recipe)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {checkpoint}: {problem}; resume with the same quantization recipe")
 
 
 def verify_checkpoint_files(checkpoint: str, needs_quant_state: bool, recipe_name: str = "") -> None:

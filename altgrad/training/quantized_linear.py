@@ -48,7 +48,16 @@ from altgrad.quantization import (
 )
 from altgrad.quantization.quantize import quantize_with_sums, stats_from_sums
 from altgrad.training.native_fp8 import NativeFP8LinearFunction, NativeFP8Plan
-from altgrad.training.recipe import TENSOR_ROLES, Backend, GranularityKind, QuantRecipe, Scaling, TensorQuantSpec
+from altgrad.training.recipe import (
+    LAYER_ROLES,
+    Backend,
+    Compensation,
+    GranularityKind,
+    QuantRecipe,
+    Scaling,
+    TensorQuantSpec,
+    recipe_mismatch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -450,9 +459,23 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+# Kahan compensation buffers are kept in bf16: the residual of a rounding is at most half a grid step of
+# the stored format, and 8 significant bits of it carry the lost update to well within a percent (optimi
+# keeps bf16 buffers for bf16 weights). Memory: 2 bytes per stored weight.
+KAHAN_BUFFER_DTYPE = torch.bfloat16
+
+
 class ModelQuantizer:
     """Handle returned by :func:`quantize_model`: the converted layers and every per-step hook the
-    trainer needs (statistics, weight-gradient and stored-weight rounding, bit-stall, state)."""
+    trainer needs (statistics, weight-gradient and stored-weight rounding, bit-stall, optimizer-state
+    rounding, state).
+
+    Stored weights with ``compensation: kahan`` keep a buffer ``c`` per layer (``compensation``). After
+    the optimizer moved a stored weight ``w`` to ``w + u`` (float32), the stored value becomes
+    ``Q(w + u + c)`` and ``c`` the part of ``w + u + c`` that rounding left out, so an update smaller than
+    half a grid step waits in ``c`` instead of being lost. Bit-stall counts an update as stalled when the
+    stored weight did not move at that step, even if the update went into ``c``.
+    """
 
     def __init__(self, model: nn.Module, recipe: QuantRecipe, layers: list[tuple[str, QuantLinear]]) -> None:
         self.model = model
@@ -466,6 +489,25 @@ class ModelQuantizer:
         } if recipe.stored_weight is not None else {}
         self.bit_stall = BitStallDetector()
         self._snapshots: dict[str, torch.Tensor] = {}
+        # Kahan buffers, made at the first optimizer step (zeros: the stored weights start exact).
+        self.kahan = recipe.stored_weight is not None and recipe.stored_weight.compensation is Compensation.KAHAN
+        self.compensation: dict[str, torch.Tensor] = {}
+        self.optimizer_states = None
+        if recipe.optimizer_m is not None or recipe.optimizer_v is not None:
+            from altgrad.training.optimizer_states import OptimizerStateQuantizer
+
+            self.optimizer_states = OptimizerStateQuantizer(model, recipe)
+
+    @property
+    def has_state(self) -> bool:
+        """Whether a checkpoint must carry this quantizer's state (any quantizer at all)."""
+        return bool(self.all_quantizers())
+
+    def attach_optimizer(self, optimizer) -> None:
+        """The optimizer whose moments the recipe's ``optimizer_m`` / ``optimizer_v`` round (a no-op for
+        recipes without them)."""
+        if self.optimizer_states is not None:
+            self.optimizer_states.attach(optimizer)
 
     # ------------------------------------------------------------------ statistics
     def all_quantizers(self) -> dict[str, TensorQuantizer]:
@@ -477,6 +519,8 @@ class ModelQuantizer:
             out[f"{name}/weight_grad"] = q
         for name, q in self.stored_weight_quantizers.items():
             out[f"{name}/stored_weight"] = q
+        if self.optimizer_states is not None:
+            out.update(self.optimizer_states.quantizers)
         return out
 
     def set_collect_stats(self, enabled: bool) -> None:
@@ -512,13 +556,22 @@ class ModelQuantizer:
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        """Round stored weights (if the recipe stores them quantized) and measure bit-stall."""
+        """Round stored weights (if the recipe stores them quantized, Kahan-compensated if it says so),
+        measure bit-stall, and round the optimizer's moments (if the recipe has optimizer roles)."""
         for name, layer in self.layers:
             before = self._snapshots.get(name)
             stored = self.stored_weight_quantizers.get(name)
             after = layer.weight.detach()
             if stored is not None:
-                rounded = stored(after)  # nearest or stochastic, as the recipe says
+                if self.kahan:
+                    # after = w_stored_before + u (the optimizer's float32 update u): adding c gives
+                    # w_stored_before + u + c, the compensated sum; what rounding drops goes back to c.
+                    c = self.compensation.get(name)
+                    target = after if c is None else after + c.float()  # (out, in)
+                    rounded = stored(target)
+                    self.compensation[name] = (target - rounded).to(KAHAN_BUFFER_DTYPE)
+                else:
+                    rounded = stored(after)  # nearest or stochastic, as the recipe says
                 if before is not None:
                     # `before` is the stored value: the update stalled where rounding gave it back.
                     updated = after != before
@@ -527,23 +580,26 @@ class ModelQuantizer:
             elif before is not None and "weight" in layer.quantizers:
                 wq = layer.quantizers["weight"]
                 self.bit_stall.update(name, before, after, wq.spec.format, wq.last_scale)
+        if self.optimizer_states is not None:
+            self.optimizer_states.after_step()
         self._snapshots = {}
         self.set_collect_stats(False)  # whatever runs before the next step (evaluation) is not a log step
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """Delayed-scaling state (amax histories) of every quantizer, for checkpoints."""
-        return {
+        out = {
             "recipe": self.recipe.to_dict(),
             "quantizers": {key: q.state_dict() for key, q in self.all_quantizers().items()},
         }
+        if self.kahan:
+            out["compensation"] = {name: c.detach().clone() for name, c in self.compensation.items()}
+        return out
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("recipe") != self.recipe.to_dict():
-            raise ValueError(
-                "quantization state was saved with a different recipe: "
-                f"{state.get('recipe', {}).get('name')!r} vs this run's {self.recipe.name!r}"
-            )
+        problem = recipe_mismatch(state.get("recipe"), self.recipe)
+        if problem is not None:
+            raise ValueError(f"quantization state does not fit this run: {problem}")
         mine = self.all_quantizers()
         missing = sorted(set(mine) - set(state["quantizers"]))
         unexpected = sorted(set(state["quantizers"]) - set(mine))
@@ -554,6 +610,15 @@ class ModelQuantizer:
             )
         for key, q in mine.items():
             q.load_state_dict(state["quantizers"][key])
+        if self.kahan:
+            buffers = state.get("compensation") or {}
+            unknown = sorted(set(buffers) - {name for name, _ in self.layers})
+            if unknown:
+                raise ValueError(f"quantization state holds Kahan buffers for layers this model lacks: {unknown[:5]}")
+            # Absent before the first optimizer step (zeros then); on the weights' device.
+            self.compensation = {
+                name: buffers[name].to(layer.weight.device, KAHAN_BUFFER_DTYPE) for name, layer in self.layers if name in buffers
+            }
 
     def remove(self) -> nn.Module:
         """Swap every QuantLinear back to a plain nn.Linear (same parameters)."""
@@ -587,7 +652,7 @@ def quantize_model(
     recipe = QuantRecipe.from_dict(recipe) if not isinstance(recipe, QuantRecipe) else recipe
     patterns = tuple(modules) if modules is not None else recipe.modules
     layers: list[tuple[str, QuantLinear]] = []
-    if recipe.is_noop:
+    if not recipe.converts_layers:  # nothing at all, or optimizer states only
         return ModelQuantizer(model, recipe, layers)
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or isinstance(module, QuantLinear):
@@ -611,7 +676,7 @@ def quantize_model(
 
 def _check_blocks(name: str, module: nn.Linear, recipe: QuantRecipe) -> None:
     """Fail at conversion, naming the layer, when a block or tile size does not divide what it tiles."""
-    for role in TENSOR_ROLES:
+    for role in LAYER_ROLES:
         spec = getattr(recipe, role)
         if spec is None:
             continue

@@ -8,6 +8,15 @@ A :class:`QuantRecipe` names a :class:`TensorQuantSpec` per tensor role:
 - ``weight_grad``: weight gradients as the optimizer receives them,
 - ``stored_weight``: the master weights themselves, rounded into the format after every optimizer step
   (where bit-stall bites). ``None`` keeps high-precision master weights, as real FP8 training does.
+  ``compensation: kahan`` adds a compensation buffer that carries each rounding error into the next update.
+- ``optimizer_m`` / ``optimizer_v``: the optimizer's first and second moments (``exp_avg`` /
+  ``exp_avg_sq``, as AdamW names them), rounded into the format after every optimizer step, for every
+  parameter the optimizer updates (see :mod:`altgrad.training.optimizer_states`).
+
+Presets: ``fp32`` (alias ``none``) quantizes nothing; ``bf16`` rounds the three GEMM operands (weight,
+activation, grad_output) to BF16 with round-to-nearest-even, the operands ``torch.autocast(dtype=
+torch.bfloat16)`` feeds its GEMMs; the FP8 and exotic presets follow. Until altgrad 0.1 ``bf16`` named
+the no-op recipe: :func:`recipe_mismatch` explains that rename to a checkpoint written with it.
 
 Recipes load from plain dicts / YAML, and the presets below are ordinary recipes.
 
@@ -17,6 +26,8 @@ Example:
     ('E4M3', 'E5M2', 'delayed')
     >>> QuantRecipe.from_dict({"name": "mine", "weight": {"format": "e3m4"}}).weight.format
     'E3M4'
+    >>> get_recipe("none").name, get_recipe("bf16").roles()
+    ('fp32', ['weight', 'activation', 'grad_output'])
 """
 
 from __future__ import annotations
@@ -33,15 +44,27 @@ __all__ = [
     "QuantRecipe",
     "RECIPE_PRESETS",
     "get_recipe",
+    "recipe_mismatch",
+    "preset_note",
     "TENSOR_ROLES",
+    "LAYER_ROLES",
+    "OPTIMIZER_ROLES",
+    "OPTIMIZER_STATE_KEYS",
     "Rounding",
+    "Compensation",
     "Scaling",
     "GranularityKind",
     "AmaxAlgo",
     "Backend",
 ]
 
-TENSOR_ROLES = ("weight", "activation", "grad_output", "weight_grad", "stored_weight")
+# Roles of a converted Linear layer, and roles of the optimizer's state (one tensor per parameter).
+LAYER_ROLES = ("weight", "activation", "grad_output", "weight_grad", "stored_weight")
+OPTIMIZER_ROLES = ("optimizer_m", "optimizer_v")
+TENSOR_ROLES = LAYER_ROLES + OPTIMIZER_ROLES
+# The optimizer-state key each optimizer role rounds: torch's Adam family (Adam, AdamW, NAdam, RAdam) and
+# most third-party Adams name their moments this way. Also the role's name in metrics and checkpoints.
+OPTIMIZER_STATE_KEYS = {"optimizer_m": "exp_avg", "optimizer_v": "exp_avg_sq"}
 # Roles whose tensor is always a (out_features, in_features) matrix: the only ones 2-D tiles can cover.
 # Activations and output gradients are (..., features) with an input-dependent number of leading dims.
 _MATRIX_ROLES = ("weight", "weight_grad", "stored_weight")
@@ -86,6 +109,23 @@ class Rounding(_Choice):
     NEAREST = "nearest"
     STOCHASTIC = "stochastic"
     ZERO = "zero"
+
+
+class Compensation(_Choice):
+    """What a stored weight does with the error its rounding makes.
+
+    ``none``: the error is lost (an update below half a grid step stalls for good, unless rounding is
+    stochastic). ``kahan``: Kahan-compensated storage (as in optimi and Zamirai et al., 2020): a buffer
+    ``c`` keeps ``(w_stored_before + update + c) - w_stored_after`` and adds it to the next update, so
+    small updates accumulate in ``c`` until they move the stored weight.
+
+    Example:
+        >>> Compensation.parse("Kahan", "compensation") is Compensation.KAHAN
+        True
+    """
+
+    NONE = "none"
+    KAHAN = "kahan"
 
 
 class Scaling(_Choice):
@@ -177,8 +217,13 @@ class TensorQuantSpec:
     power_of_two: bool = False
     # Scale type. None: float32 scales. "E8M0": MX shared exponents (implies power-of-two scales).
     scale_format: str | None = None
-    # Clamp overflow to +-max (True, what FP8 training does) or produce the format's inf/NaN (False).
+    # Clamp overflow to +-max (True, what FP8 training does) or produce the format's inf/NaN (False,
+    # what a plain cast such as x.to(torch.bfloat16) does).
     saturate: bool = True
+    # stored_weight only. "none": the rounding error of a stored weight is lost. "kahan": a compensation
+    # buffer carries it into the next update (cures bit-stall deterministically; costs a buffer the size
+    # of the weights, kept in bf16: 2 bytes per weight, the choice optimi makes for bf16 weights).
+    compensation: Compensation = Compensation.NONE
 
     def __post_init__(self) -> None:
         fmt = get_format(self.format)  # raises with the registry listed
@@ -196,6 +241,7 @@ class TensorQuantSpec:
             ("scaling", Scaling),
             ("granularity", GranularityKind),
             ("amax_algo", AmaxAlgo),
+            ("compensation", Compensation),
         ):
             object.__setattr__(self, name, kind.parse(getattr(self, name), name))
         for name in ("block_size", "amax_history_len"):
@@ -243,8 +289,12 @@ class TensorQuantSpec:
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain YAML data: the enums as their strings (the format checkpoints store and compare)."""
-        return {k: v.value if isinstance(v, Enum) else v for k, v in dataclasses.asdict(self).items()}
+        """Plain YAML data: the enums as their strings (the format checkpoints store and compare).
+        ``compensation`` appears only when set, so recipes without it keep the dict older checkpoints hold."""
+        out = {k: v.value if isinstance(v, Enum) else v for k, v in dataclasses.asdict(self).items()}
+        if self.compensation is Compensation.NONE:
+            del out["compensation"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -266,6 +316,15 @@ class QuantRecipe:
     grad_output: TensorQuantSpec | None = None
     weight_grad: TensorQuantSpec | None = None
     stored_weight: TensorQuantSpec | None = None
+    # Adam's moments, stored in a low-precision format (rounded after every optimizer step, as MS-AMP keeps
+    # m in FP8 and v in FP16). Applied to every parameter the optimizer updates (embeddings and LayerNorms
+    # included: optimizer memory is per parameter), not only the converted Linear layers. The two moments
+    # get separate specs because they need different things: m is signed and tracks the gradient (an FP8
+    # format with per-tensor scaling carries it), v is non-negative and spans many binades (its small
+    # entries underflow in a narrow format, and m / sqrt(v) then explodes: give it range, a 16-bit format
+    # or per-row / block scales).
+    optimizer_m: TensorQuantSpec | None = None
+    optimizer_v: TensorQuantSpec | None = None
     # Module-name patterns of the Linear layers to convert, and patterns to leave out.
     modules: tuple[str, ...] = ("transformer.h.*",)
     exclude: tuple[str, ...] = ()
@@ -288,9 +347,15 @@ class QuantRecipe:
         for role in TENSOR_ROLES:
             spec = getattr(self, role)
             if spec is not None and spec.granularity is GranularityKind.TILE and role not in _MATRIX_ROLES:
+                shape = "is 1-D for biases and LayerNorms" if role in OPTIMIZER_ROLES else "has input-dependent leading dims"
                 raise ValueError(
-                    f"recipe.{role}: granularity 'tile' needs a 2-D tensor, but {role} has input-dependent leading "
-                    f"dims; tiles are for {list(_MATRIX_ROLES)}, use 'block' (1 x block_size) for {role}"
+                    f"recipe.{role}: granularity 'tile' needs a 2-D tensor, but {role} {shape}; tiles are for "
+                    f"{list(_MATRIX_ROLES)}, use 'block' (1 x block_size) or 'row' for {role}"
+                )
+            if spec is not None and spec.compensation is not Compensation.NONE and role != "stored_weight":
+                raise ValueError(
+                    f"recipe.{role}: compensation={spec.compensation.value!r} is for stored_weight only (the one "
+                    "role whose rounded value is the next step's starting point); use compensation='none' here"
                 )
 
     def roles(self) -> list[str]:
@@ -301,11 +366,16 @@ class QuantRecipe:
     def is_noop(self) -> bool:
         return not self.roles()
 
+    @property
+    def converts_layers(self) -> bool:
+        """Whether any Linear-layer role is set (an optimizer-state-only recipe converts no layer)."""
+        return any(getattr(self, r) is not None for r in LAYER_ROLES)
+
     @classmethod
     def from_dict(cls, data: dict | str | "QuantRecipe" | None) -> "QuantRecipe":
         """Build from a dict (YAML), a preset name, or ``{"preset": name, ...overrides}``."""
         if data is None:
-            return get_recipe("bf16")
+            return get_recipe("fp32")
         if isinstance(data, QuantRecipe):
             return data
         if isinstance(data, str):
@@ -325,6 +395,8 @@ class QuantRecipe:
         out: dict[str, Any] = {"name": self.name}
         for role in TENSOR_ROLES:
             spec = getattr(self, role)
+            if spec is None and role in OPTIMIZER_ROLES:
+                continue  # absent unless set: recipes without them keep the dict older checkpoints hold
             out[role] = None if spec is None else spec.to_dict()
         out.update(modules=list(self.modules), exclude=list(self.exclude), backend=self.backend.value)
         if self.description:
@@ -345,9 +417,22 @@ def _all_roles(spec: TensorQuantSpec, name: str, description: str, **extra) -> Q
 
 
 _DELAYED = dict(scaling="delayed", amax_history_len=16, amax_algo="max")
+# Exactly x.to(torch.bfloat16): no scale, nearest-even, overflow to inf and NaN kept (no saturation).
+_BF16_CAST = TensorQuantSpec("BF16", rounding="nearest", scaling="none", saturate=False)
 
 RECIPE_PRESETS: dict[str, QuantRecipe] = {
-    "bf16": QuantRecipe(name="bf16", description="No quantization: the high-precision baseline."),
+    "fp32": QuantRecipe(name="fp32", description="No quantization: float32 math (or the autocast dtype, if on)."),
+    "bf16": QuantRecipe(
+        name="bf16",
+        weight=_BF16_CAST,
+        activation=_BF16_CAST,
+        grad_output=_BF16_CAST,
+        # autocast runs every Linear in BF16, the output projection included.
+        modules=("transformer.h.*", "lm_head"),
+        description="The BF16 baseline: the three GEMM operands of every Linear (lm_head included) rounded to "
+        "BF16 (nearest-even, no scaling), the operands torch.autocast(dtype=torch.bfloat16) feeds those GEMMs; "
+        "master weights and optimizer in float32.",
+    ),
     "e5m2": _all_roles(
         TensorQuantSpec("E5M2", **_DELAYED),
         "e5m2",
@@ -376,9 +461,72 @@ for _fmt in ("e3m4", "e2m5", "e1m6", "e7m0"):
     )
 
 
+_PRESET_ALIASES = {"none": "fp32"}
+
+# What the no-op preset looked like when it was called "bf16" (altgrad 0.1), as checkpoints recorded it.
+_LEGACY_NOOP_NAME = "bf16"
+RENAME_NOTE = (
+    "until altgrad 0.1 the preset 'bf16' quantized nothing (float32 math); that preset is now 'fp32' (alias "
+    "'none'), and 'bf16' rounds the GEMM operands to BF16"
+)
+
+
 def get_recipe(name: str) -> QuantRecipe:
-    """A preset by name (case-insensitive)."""
+    """A preset by name (case-insensitive); ``none`` is an alias of ``fp32``."""
     key = str(name).strip().lower()
+    key = _PRESET_ALIASES.get(key, key)
     if key not in RECIPE_PRESETS:
         raise ValueError(f"unknown recipe preset {name!r}; presets: {sorted(RECIPE_PRESETS)}")
     return RECIPE_PRESETS[key]
+
+
+def preset_note(recipe: Any) -> str | None:
+    """The line a run prints when its config names a preset whose meaning changed (``bf16``), else None.
+
+    Example:
+        >>> preset_note({"preset": "BF16", "exclude": ["lm_head"]}) is not None, preset_note("e5m2")
+        (True, None)
+    """
+    name = recipe.get("preset") if isinstance(recipe, dict) else recipe
+    if isinstance(name, str) and name.strip().lower() == _LEGACY_NOOP_NAME:
+        return f"recipe 'bf16' rounds every Linear's GEMM operands to BF16; {RENAME_NOTE.split(';')[0]}: use 'fp32' for that"
+    return None
+
+
+def _is_legacy_noop(saved: dict) -> bool:
+    return saved.get("name") == _LEGACY_NOOP_NAME and not any(saved.get(r) for r in TENSOR_ROLES)
+
+
+def recipe_mismatch(saved: dict | None, recipe: QuantRecipe) -> str | None:
+    """Why a recipe recorded in a checkpoint (``to_dict()`` form) cannot be resumed by ``recipe``; None when
+    it can.
+
+    Recipes are compared as recipes, not as dicts, so a checkpoint written before a field existed (with
+    that field at its default) still matches. A checkpoint of the old no-op ``bf16`` preset matches any
+    recipe that quantizes nothing (it is ``fp32`` today), and a mismatch with it explains the rename.
+
+    Example:
+        >>> old = {"name": "bf16", "weight": None, "activation": None, "grad_output": None,
+        ...        "weight_grad": None, "stored_weight": None, "modules": ["transformer.h.*"], "exclude": [],
+        ...        "backend": "simulated"}
+        >>> recipe_mismatch(old, get_recipe("fp32")) is None
+        True
+        >>> print(recipe_mismatch(old, get_recipe("bf16")))  # doctest: +ELLIPSIS
+        it was trained with the old no-op preset 'bf16' ...; resume with quantization.recipe=fp32 ...
+    """
+    if saved is None:
+        return None
+    if _is_legacy_noop(saved):
+        if recipe.is_noop:
+            return None
+        return (
+            f"it was trained with the old no-op preset 'bf16' ({RENAME_NOTE}); resume with "
+            f"quantization.recipe=fp32 (this run uses {recipe.name!r}), or start a new run for BF16 operands"
+        )
+    try:
+        same = QuantRecipe.from_dict(saved) == recipe
+    except ValueError as exc:
+        return f"its recipe {saved.get('name')!r} cannot be read by this altgrad ({exc})"
+    if same:
+        return None
+    return f"it was trained with recipe {saved.get('name')!r}, this run uses {recipe.name!r}"

@@ -142,6 +142,8 @@ class QuantSession:
         is_log_step: ``step -> bool`` (1-based optimizer step), overriding ``log_every``.
         output_dir: where ``alerts.jsonl`` goes (None: no file).
         is_main_process: only the main process writes alert files and talks to W&B.
+        optimizer: the optimizer whose moments a recipe with ``optimizer_m`` / ``optimizer_v`` rounds; or
+            attach it later with :meth:`attach_optimizer` (before the first ``end_step``).
     """
 
     def __init__(
@@ -155,6 +157,7 @@ class QuantSession:
         is_log_step: Callable[[int], bool] | None = None,
         output_dir: str | None = None,
         is_main_process: bool = True,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         if shadow_every is not None and (not isinstance(shadow_every, int) or shadow_every < 0):
             raise ValueError(f"shadow_every must be None or a non-negative int, got {shadow_every!r}")
@@ -163,6 +166,8 @@ class QuantSession:
         self.model = model
         self.recipe = QuantRecipe.from_dict(recipe)
         self.quantizer: ModelQuantizer = quantize_model(model, self.recipe)
+        if optimizer is not None:
+            self.attach_optimizer(optimizer)
         self.shadow_every = shadow_every or 0
         self.shadow = FP32ShadowModel(model) if self.shadow_every else None
         self.monitoring = (
@@ -181,6 +186,11 @@ class QuantSession:
         self._tokens = 0
         self._window_start: float | None = None
         self.pending_anomalies: list[Alert] = []  # threshold alerts from `end_step` asking for a checkpoint
+
+    def attach_optimizer(self, optimizer) -> None:
+        """The optimizer whose moments the recipe's optimizer-state roles round after each step (a no-op
+        for recipes without them). Accepts accelerate's wrapped optimizer too."""
+        self.quantizer.attach_optimizer(optimizer)
 
     # ------------------------------------------------------------------ step lifecycle
     @property
@@ -328,7 +338,8 @@ class QuantSession:
 
     def after_optimizer_step(self) -> None:
         """Call right after ``optimizer.step()`` (also on skipped steps): stored weights are rounded into
-        the recipe's ``stored_weight`` format and bit-stall is counted; the step is finished."""
+        the recipe's ``stored_weight`` format, bit-stall is counted and the optimizer's moments are rounded
+        into ``optimizer_m`` / ``optimizer_v``; the step is finished."""
         self.quantizer.after_optimizer_step()
         self.step += 1
 

@@ -12,6 +12,7 @@ Trainer hook                                session call
 `training_step` / `compute_loss`            ``before_micro_batch`` / ``after_micro_batch`` (+ shadow)
 `training_step`, gradients final            ``before_optimizer_step()`` (a bad step: alert, anomaly
                                             checkpoint, stop after ``nan_patience``)
+`create_optimizer`                          ``attach_optimizer()`` (optimizer-state roles)
 `on_optimizer_step` callback                ``after_optimizer_step()``
 `log`                                       ``metrics()`` (one host sync, one all-reduce)
 `train` (resume)                            checkpoint checked, session state restored, W&B run resumed
@@ -82,8 +83,9 @@ class AltGradTrainer(Trainer):
     Args:
         model: the model to train (altgrad's GPT or any model whose selected layers are `nn.Linear`).
         args: ordinary `TrainingArguments`.
-        recipe: a :class:`QuantRecipe`, preset name (``"bf16"``, ``"e5m2"``, ``"fp8_hybrid"``, ...) or dict.
-            ``None`` trains unquantized.
+        recipe: a :class:`QuantRecipe`, preset name (``"fp32"``, ``"bf16"``, ``"e5m2"``, ``"fp8_hybrid"``,
+            ...) or dict. ``None`` trains unquantized. A recipe with optimizer-state roles rounds the moments
+            of the optimizer the Trainer creates (``create_optimizer``).
         shadow_every: compare against the FP32 shadow every this many optimizer steps; ``None`` or 0
             disables the shadow (saves one forward/backward and one float32 copy of the model).
         monitoring: an :class:`altgrad.monitoring.MonitoringConfig` (alerts, anomaly checkpoints,
@@ -140,6 +142,12 @@ class AltGradTrainer(Trainer):
         return step % int(every) == 0
 
     # ------------------------------------------------------------------ training loop hooks
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, handed to the session (a recipe's optimizer-state roles round its moments)."""
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        self.session.attach_optimizer(optimizer)
+        return optimizer
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The Trainer's loss; the unscaled training loss is what the session's non-finite check reads."""
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
@@ -346,7 +354,7 @@ class AltGradTrainer(Trainer):
         # Also readable: the Trainer loads the files inside train(), where a failure is a traceback after
         # the run has started; here it is a setup error. Once per folder (train() resolves again).
         if getattr(self, "_verified_checkpoint", None) != os.path.realpath(checkpoint):
-            ckpt.verify_checkpoint_files(checkpoint, bool(self.quantizer.layers), self.recipe.name)
+            ckpt.verify_checkpoint_files(checkpoint, self.quantizer.has_state, self.recipe.name)
             self._verified_checkpoint = os.path.realpath(checkpoint)
         return checkpoint
 
