@@ -150,10 +150,10 @@ def parse_spec_option(option: str) -> Column:
 
 
 def parse_roles(text: str) -> list[str]:
-    from altgrad.training.recipe import TENSOR_ROLES
+    from altgrad.training.recipe import LAYER_ROLES
 
     roles = [r.strip() for r in text.split(",") if r.strip()]
-    valid = list(TENSOR_ROLES) + [ALL_ROLES]
+    valid = list(LAYER_ROLES) + [ALL_ROLES]
     bad = [r for r in roles if r not in valid]
     if bad or not roles:
         raise ValueError(f"--roles {text!r}: unknown role(s) {bad}; accepted: {valid}")
@@ -655,7 +655,7 @@ def prepare(args: argparse.Namespace) -> tuple[list[Column], list[str], list[int
     """Validate everything before the first run starts (ValueError: one line)."""
     from altgrad.config import load_config
     from altgrad.monitoring import metrics as M
-    from altgrad.training.recipe import TENSOR_ROLES
+    from altgrad.training.recipe import LAYER_ROLES
 
     for item in args.overrides:
         key = item.partition("=")[0].strip()
@@ -669,7 +669,7 @@ def prepare(args: argparse.Namespace) -> tuple[list[Column], list[str], list[int
     if len(set(names)) != len(names):
         raise ValueError(f"column names must be unique, got {names}")
     roles = parse_roles(args.roles)
-    args.role_names = list(TENSOR_ROLES)
+    args.role_names = list(LAYER_ROLES)  # "all": every role of a layer (optimizer states are not a layer role)
     seeds = parse_seeds(args.seeds)
     if args.cos_sim_floor is None:
         args.cos_sim_floor = M.DEFAULT_THRESHOLDS["cos_sim_floor"]

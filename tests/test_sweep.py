@@ -32,7 +32,7 @@ def _config(path: Path, data: Path, cache: Path) -> Path:
     path.write_text(yaml.safe_dump({
         "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "dropout": 0.0},
         "data": {"source": "shakespeare_char", "path": str(data), "cache_dir": str(cache), "max_eval_blocks": 64},
-        "quantization": {"recipe": "bf16", "shadow_every": 1},
+        "quantization": {"recipe": "fp32", "shadow_every": 1},
         "training": {"output_dir": str(path.parent / "unused"), "max_steps": MAX_STEPS, "per_device_train_batch_size": 8,
                      "learning_rate": 3.0e-3, "min_lr": 3.0e-4, "warmup_steps": 5, "logging_steps": 5,
                      "eval_steps": 10, "use_cpu": True, "report_to": "none", "seed": 1337},
