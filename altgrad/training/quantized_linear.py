@@ -387,11 +387,11 @@ class QuantLinear(nn.Linear):
         new.layer_name = name
         new.quantizers = {}
         for role in ("weight", "activation", "grad_output"):
-            spec = getattr(recipe, role)
+            spec = recipe.spec_for(name, role)
             if spec is not None:
                 new.quantizers[role] = TensorQuantizer(spec, f"{name}/{role}")
         new.native_plan = NativeFP8Plan.for_layer(
-            {r: getattr(recipe, r) for r in ("activation", "weight", "grad_output")},
+            {r: recipe.spec_for(name, r) for r in ("activation", "weight", "grad_output")},
             linear.in_features,
             linear.out_features,
         )
@@ -459,11 +459,13 @@ class ModelQuantizer:
         self.recipe = recipe
         self.layers = layers
         self.weight_grad_quantizers = {
-            name: TensorQuantizer(recipe.weight_grad, f"{name}/weight_grad") for name, _ in layers
-        } if recipe.weight_grad is not None else {}
+            name: TensorQuantizer(spec, f"{name}/weight_grad")
+            for name, _ in layers if (spec := recipe.spec_for(name, "weight_grad")) is not None
+        }
         self.stored_weight_quantizers = {
-            name: TensorQuantizer(recipe.stored_weight, f"{name}/stored_weight") for name, _ in layers
-        } if recipe.stored_weight is not None else {}
+            name: TensorQuantizer(spec, f"{name}/stored_weight")
+            for name, _ in layers if (spec := recipe.spec_for(name, "stored_weight")) is not None
+        }
         self.bit_stall = BitStallDetector()
         self._snapshots: dict[str, torch.Tensor] = {}
 
@@ -539,14 +541,20 @@ class ModelQuantizer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("recipe") != self.recipe.to_dict():
+        """Restore the scaling state saved with this recipe, or with one this recipe only adds high-precision
+        overrides to (`QuantRecipe.promotes`): the promoted tensors' state is then left behind."""
+        from altgrad.training.recipe import QuantRecipe
+
+        saved = state.get("recipe")
+        promoted = saved is not None and saved != self.recipe.to_dict() and self.recipe.promotes(QuantRecipe.from_dict(saved))
+        if saved != self.recipe.to_dict() and not promoted:
             raise ValueError(
                 "quantization state was saved with a different recipe: "
-                f"{state.get('recipe', {}).get('name')!r} vs this run's {self.recipe.name!r}"
+                f"{(saved or {}).get('name')!r} vs this run's {self.recipe.name!r}"
             )
         mine = self.all_quantizers()
         missing = sorted(set(mine) - set(state["quantizers"]))
-        unexpected = sorted(set(state["quantizers"]) - set(mine))
+        unexpected = [] if promoted else sorted(set(state["quantizers"]) - set(mine))
         if missing or unexpected:
             raise ValueError(
                 f"quantization state does not match this model's layers: missing {missing[:5]}, "
@@ -587,6 +595,7 @@ def quantize_model(
     recipe = QuantRecipe.from_dict(recipe) if not isinstance(recipe, QuantRecipe) else recipe
     patterns = tuple(modules) if modules is not None else recipe.modules
     layers: list[tuple[str, QuantLinear]] = []
+    promoted = 0  # selected layers whose every tensor an override keeps in high precision
     if recipe.is_noop:
         return ModelQuantizer(model, recipe, layers)
     for name, module in list(model.named_modules()):
@@ -596,11 +605,14 @@ def quantize_model(
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in recipe.exclude):
             continue
+        if all(recipe.spec_for(name, role) is None for role in TENSOR_ROLES):
+            promoted += 1
+            continue
         _check_blocks(name, module, recipe)
         qlayer = QuantLinear.from_linear(module, recipe, name)
         set_submodule(model, name, qlayer)
         layers.append((name, qlayer))
-    if not layers:
+    if not layers and not promoted:
         linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         raise ValueError(
             f"recipe {recipe.name!r} selects no Linear layer (patterns {list(patterns)}, exclude "
@@ -612,7 +624,7 @@ def quantize_model(
 def _check_blocks(name: str, module: nn.Linear, recipe: QuantRecipe) -> None:
     """Fail at conversion, naming the layer, when a block or tile size does not divide what it tiles."""
     for role in TENSOR_ROLES:
-        spec = getattr(recipe, role)
+        spec = recipe.spec_for(name, role)
         if spec is None:
             continue
         n = spec.block_size
