@@ -8,7 +8,11 @@ A checkpoint folder written by `AltGradTrainer` holds the Trainer's files (``mod
 * ``altgrad_run.json``       -- run info: recipe, model config, W&B run id, the non-finite streak.
 
 An anomaly checkpoint (``<output_dir>/anomalies/step-<N>-<rule>/``) holds the same, plus ``batch.pt``
-(the micro-batch that triggered it, per rank) and ``anomaly.json`` (the alert and its metrics).
+(the micro-batch that triggered it, per rank), ``anomaly.json`` (the alert, its metrics, and whether the
+model and optimizer are those the step started from: ``"state": "before_step"``) and ``replay.pt``
+(``replay_<rank>.pt`` for ranks > 0: every micro-batch of the step with the RNG state before it, how
+the loss was computed, and that rank's scaling state as the step began), what ``recipes/replay.py``
+re-runs.
 
 Everything here is framework-free (torch, safetensors, json): a plain loop uses it as the trainer does.
 
@@ -38,6 +42,7 @@ __all__ = [
     "ANOMALY_FILE",
     "BATCH_FILE",
     "QUANT_STATE_FILE",
+    "REPLAY_FILE",
     "RUN_INFO_FILE",
     "CheckpointError",
     "check_compatible",
@@ -54,6 +59,7 @@ QUANT_STATE_FILE = "altgrad_quant_state.pt"
 RUN_INFO_FILE = "altgrad_run.json"
 ANOMALY_DIR = "anomalies"
 BATCH_FILE = "batch.pt"
+REPLAY_FILE = "replay.pt"
 ANOMALY_FILE = "anomaly.json"
 CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR
 #: Architecture fields a checkpoint must share with the run that resumes from it.
@@ -71,10 +77,26 @@ def _atomic_write(path: str, write) -> None:
     os.replace(tmp, path)
 
 
-def save_session_state(folder: str | os.PathLike, session, model_config: Any = None, wandb_run_id: str | None = None) -> None:
-    """Write ``altgrad_quant_state.pt`` and ``altgrad_run.json`` for `session` into ``folder``."""
+def step_start_quant_state(session) -> dict:
+    """The session's scaling state as the current step began (taken mid-step, after `begin_step`).
+
+    `begin_step` folds the previous step's amax into the histories and clears ``step_amax``; during
+    the step only ``step_amax`` changes. Clearing it again gives the state the step started from, and
+    loading it then calling `begin_step` (a no-op on a cleared ``step_amax``) restores the step's scales.
+    """
+    state = session.quantizer.state_dict()
+    for q in state["quantizers"].values():
+        q["step_amax"] = None
+    return state
+
+
+def save_session_state(folder: str | os.PathLike, session, model_config: Any = None, wandb_run_id: str | None = None,
+                       mid_step: bool = False) -> None:
+    """Write ``altgrad_quant_state.pt`` and ``altgrad_run.json`` for `session` into ``folder``
+    (``mid_step``: the scaling state the current step started from, see `step_start_quant_state`)."""
     folder = os.fspath(folder)
-    _atomic_write(os.path.join(folder, QUANT_STATE_FILE), lambda p: torch.save(session.quantizer.state_dict(), p))
+    quant_state = step_start_quant_state(session) if mid_step else session.quantizer.state_dict()
+    _atomic_write(os.path.join(folder, QUANT_STATE_FILE), lambda p: torch.save(quant_state, p))
     info = {
         "wandb_run_id": wandb_run_id,
         "consecutive_bad_steps": session.bad_steps,
@@ -148,16 +170,38 @@ def rotate_anomalies(root: str | os.PathLike, keep: int | None) -> None:
 
 
 def write_anomaly_record(folder: str | os.PathLike, alert, metrics: Mapping[str, Any] | None,
-                         batch: Mapping[str, torch.Tensor] | None, process_index: int = 0) -> None:
-    """``anomaly.json`` (main process) and the triggering micro-batch (``batch.pt``, or ``batch_<rank>.pt``
-    for ranks > 0) of an anomaly checkpoint."""
+                         batch: Mapping[str, torch.Tensor] | None, process_index: int = 0,
+                         replay: Mapping[str, Any] | None = None, state: str = "before_step",
+                         world_size: int = 1) -> None:
+    """``anomaly.json`` (main process), the triggering micro-batch (``batch.pt``, or ``batch_<rank>.pt``
+    for ranks > 0) and, when given, this rank's replay record (``replay.pt`` / ``replay_<rank>.pt``) of
+    an anomaly checkpoint. ``state`` says whether the checkpoint's weights and optimizer are those the
+    step started from (``"before_step"``) or those after its update (``"after_step"``)."""
     folder = os.fspath(folder)
     if batch is not None:
         name = BATCH_FILE if process_index == 0 else f"batch_{process_index}.pt"
         torch.save({k: v.cpu() for k, v in batch.items()}, os.path.join(folder, name))
+    if replay is not None:
+        torch.save(_to_cpu(dict(replay)), os.path.join(folder, replay_file(process_index)))
     if process_index == 0:
+        record = {"alert": alert.to_dict(), "metrics": dict(metrics or {}), "state": state, "world_size": world_size}
         with open(os.path.join(folder, ANOMALY_FILE), "w") as f:
-            json.dump({"alert": alert.to_dict(), "metrics": dict(metrics or {})}, f, indent=2, default=str)
+            json.dump(record, f, indent=2, default=str)
+
+
+def replay_file(process_index: int) -> str:
+    """The replay record's file name for a rank."""
+    return REPLAY_FILE if process_index == 0 else f"replay_{process_index}.pt"
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, Mapping):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 # --------------------------------------------------------------------------------------- checking
@@ -179,9 +223,25 @@ def check_compatible(checkpoint: str, model_config: Any, recipe) -> None:
             raise CheckpointError(f"checkpoint {checkpoint} was trained with a different architecture ({detail})")
     from altgrad.training.recipe import recipe_mismatch
 
-    problem = recipe_mismatch(read_run_info(checkpoint).get("recipe"), recipe)
-    if problem is not None:
-        raise CheckpointError(f"checkpoint {checkpoint}: {problem}; resume with the same quantization recipe")
+    saved_recipe = read_run_info(checkpoint).get("recipe")
+    problem = recipe_mismatch(saved_recipe, recipe)
+    if problem is not None and not (saved_recipe is not None and _promotes(recipe, saved_recipe)):
+        raise CheckpointError(
+            f"checkpoint {checkpoint}: {problem}; resume with the same quantization recipe (or one that only adds "
+            "high-precision overrides, as recipes/replay.py writes)"
+        )
+
+
+def _promotes(recipe, saved: dict) -> bool:
+    """Whether ``recipe`` is the checkpoint's recipe with more (layer, role)s kept in high precision, the
+    recipe `recipes/replay.py` writes: resuming with it is allowed (the promoted tensors' scaling state is
+    dropped, everything else carries over)."""
+    from altgrad.training.recipe import QuantRecipe
+
+    try:
+        return recipe.promotes(QuantRecipe.from_dict(saved))
+    except (ValueError, TypeError):
+        return False
 
 
 def verify_checkpoint_files(checkpoint: str, needs_quant_state: bool, recipe_name: str = "") -> None:

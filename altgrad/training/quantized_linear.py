@@ -396,11 +396,11 @@ class QuantLinear(nn.Linear):
         new.layer_name = name
         new.quantizers = {}
         for role in ("weight", "activation", "grad_output"):
-            spec = getattr(recipe, role)
+            spec = recipe.spec_for(name, role)
             if spec is not None:
                 new.quantizers[role] = TensorQuantizer(spec, f"{name}/{role}")
         new.native_plan = NativeFP8Plan.for_layer(
-            {r: getattr(recipe, r) for r in ("activation", "weight", "grad_output")},
+            {r: recipe.spec_for(name, r) for r in ("activation", "weight", "grad_output")},
             linear.in_features,
             linear.out_features,
         )
@@ -482,15 +482,19 @@ class ModelQuantizer:
         self.recipe = recipe
         self.layers = layers
         self.weight_grad_quantizers = {
-            name: TensorQuantizer(recipe.weight_grad, f"{name}/weight_grad") for name, _ in layers
-        } if recipe.weight_grad is not None else {}
+            name: TensorQuantizer(spec, f"{name}/weight_grad")
+            for name, _ in layers if (spec := recipe.spec_for(name, "weight_grad")) is not None
+        }
         self.stored_weight_quantizers = {
-            name: TensorQuantizer(recipe.stored_weight, f"{name}/stored_weight") for name, _ in layers
-        } if recipe.stored_weight is not None else {}
+            name: TensorQuantizer(spec, f"{name}/stored_weight")
+            for name, _ in layers if (spec := recipe.spec_for(name, "stored_weight")) is not None
+        }
         self.bit_stall = BitStallDetector()
         self._snapshots: dict[str, torch.Tensor] = {}
         # Kahan buffers, made at the first optimizer step (zeros: the stored weights start exact).
-        self.kahan = recipe.stored_weight is not None and recipe.stored_weight.compensation is Compensation.KAHAN
+        self.kahan_layers = {
+            name for name, q in self.stored_weight_quantizers.items() if q.spec.compensation is Compensation.KAHAN}
+        self.kahan = bool(self.kahan_layers)
         self.compensation: dict[str, torch.Tensor] = {}
         self.optimizer_states = None
         if recipe.optimizer_m is not None or recipe.optimizer_v is not None:
@@ -563,7 +567,7 @@ class ModelQuantizer:
             stored = self.stored_weight_quantizers.get(name)
             after = layer.weight.detach()
             if stored is not None:
-                if self.kahan:
+                if name in self.kahan_layers:
                     # after = w_stored_before + u (the optimizer's float32 update u): adding c gives
                     # w_stored_before + u + c, the compensated sum; what rounding drops goes back to c.
                     c = self.compensation.get(name)
@@ -597,12 +601,16 @@ class ModelQuantizer:
         return out
 
     def load_state_dict(self, state: dict) -> None:
-        problem = recipe_mismatch(state.get("recipe"), self.recipe)
-        if problem is not None:
+        """Restore the scaling state saved with this recipe, or with one this recipe only adds high-precision
+        overrides to (`QuantRecipe.promotes`): the promoted tensors' state is then left behind."""
+        saved = state.get("recipe")
+        problem = recipe_mismatch(saved, self.recipe)
+        promoted = problem is not None and _promotes(self.recipe, saved)
+        if problem is not None and not promoted:
             raise ValueError(f"quantization state does not fit this run: {problem}")
         mine = self.all_quantizers()
         missing = sorted(set(mine) - set(state["quantizers"]))
-        unexpected = sorted(set(state["quantizers"]) - set(mine))
+        unexpected = [] if promoted else sorted(set(state["quantizers"]) - set(mine))
         if missing or unexpected:
             raise ValueError(
                 f"quantization state does not match this model's layers: missing {missing[:5]}, "
@@ -652,6 +660,7 @@ def quantize_model(
     recipe = QuantRecipe.from_dict(recipe) if not isinstance(recipe, QuantRecipe) else recipe
     patterns = tuple(modules) if modules is not None else recipe.modules
     layers: list[tuple[str, QuantLinear]] = []
+    promoted = 0  # selected layers whose every tensor an override keeps in high precision
     if not recipe.converts_layers:  # nothing at all, or optimizer states only
         return ModelQuantizer(model, recipe, layers)
     for name, module in list(model.named_modules()):
@@ -661,11 +670,14 @@ def quantize_model(
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in recipe.exclude):
             continue
+        if all(recipe.spec_for(name, role) is None for role in LAYER_ROLES):
+            promoted += 1
+            continue
         _check_blocks(name, module, recipe)
         qlayer = QuantLinear.from_linear(module, recipe, name)
         set_submodule(model, name, qlayer)
         layers.append((name, qlayer))
-    if not layers:
+    if not layers and not promoted:
         linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         raise ValueError(
             f"recipe {recipe.name!r} selects no Linear layer (patterns {list(patterns)}, exclude "
@@ -674,10 +686,20 @@ def quantize_model(
     return ModelQuantizer(model, recipe, layers)
 
 
+def _promotes(recipe: QuantRecipe, saved: dict | None) -> bool:
+    """Whether ``recipe`` is the saved recipe with extra (layer, role)s kept in high precision."""
+    if saved is None:
+        return False
+    try:
+        return recipe.promotes(QuantRecipe.from_dict(saved))
+    except (TypeError, ValueError):
+        return False
+
+
 def _check_blocks(name: str, module: nn.Linear, recipe: QuantRecipe) -> None:
     """Fail at conversion, naming the layer, when a block or tile size does not divide what it tiles."""
     for role in LAYER_ROLES:
-        spec = getattr(recipe, role)
+        spec = recipe.spec_for(name, role)
         if spec is None:
             continue
         n = spec.block_size

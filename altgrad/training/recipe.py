@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
@@ -331,6 +332,10 @@ class QuantRecipe:
     # "simulated": fake-quantized operands, float32/bf16 GEMMs (any format). "native_fp8": real FP8
     # GEMMs (torch._scaled_mm) on Hopper for E4M3/E5M2 roles, simulation elsewhere.
     backend: Backend = Backend.SIMULATED
+    # Per-(layer, role) exceptions, as ``("<module pattern>/<role>", spec or None)`` pairs (YAML: a mapping
+    # ``{"transformer.h.1.mlp.c_proj/grad_output": null}``); the last matching entry wins. None keeps
+    # that tensor in high precision: how `recipes/replay.py` writes a recipe that promotes the culprits.
+    overrides: tuple[tuple[str, TensorQuantSpec | None], ...] = ()
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -344,8 +349,10 @@ class QuantRecipe:
                 raise ValueError(f"recipe.{attr} must be a list of module-name patterns, got {value!r}")
             object.__setattr__(self, attr, tuple(value))
         object.__setattr__(self, "backend", Backend.parse(self.backend, "recipe.backend"))
-        for role in TENSOR_ROLES:
-            spec = getattr(self, role)
+        object.__setattr__(self, "overrides", _parse_overrides(self.overrides))
+        checked = [(role, getattr(self, role)) for role in TENSOR_ROLES]
+        checked += [(key.rpartition("/")[2], spec) for key, spec in self.overrides]
+        for role, spec in checked:
             if spec is not None and spec.granularity is GranularityKind.TILE and role not in _MATRIX_ROLES:
                 shape = "is 1-D for biases and LayerNorms" if role in OPTIMIZER_ROLES else "has input-dependent leading dims"
                 raise ValueError(
@@ -358,9 +365,25 @@ class QuantRecipe:
                     "role whose rounded value is the next step's starting point); use compensation='none' here"
                 )
 
+    def spec_for(self, module: str, role: str) -> TensorQuantSpec | None:
+        """The spec of ``role`` in the Linear named ``module``: the role's spec, unless an override matches.
+
+        Example:
+            >>> r = QuantRecipe.from_dict({"preset": "fp8_hybrid", "overrides": {"*.h.1.mlp.c_fc/grad_output": None}})
+            >>> r.spec_for("transformer.h.1.mlp.c_fc", "grad_output"), r.spec_for("transformer.h.0.mlp.c_fc", "grad_output").format
+            (None, 'E5M2')
+        """
+        spec = getattr(self, role)
+        for key, override in self.overrides:
+            pattern, _, override_role = key.rpartition("/")
+            if override_role == role and fnmatch.fnmatchcase(module, pattern):
+                spec = override
+        return spec
+
     def roles(self) -> list[str]:
-        """The roles this recipe quantizes."""
-        return [r for r in TENSOR_ROLES if getattr(self, r) is not None]
+        """The roles this recipe quantizes (in some layer: overrides may quantize a role the base leaves out)."""
+        extra = {key.rpartition("/")[2] for key, spec in self.overrides if spec is not None}
+        return [r for r in TENSOR_ROLES if getattr(self, r) is not None or r in extra]
 
     @property
     def is_noop(self) -> bool:
@@ -369,7 +392,31 @@ class QuantRecipe:
     @property
     def converts_layers(self) -> bool:
         """Whether any Linear-layer role is set (an optimizer-state-only recipe converts no layer)."""
-        return any(getattr(self, r) is not None for r in LAYER_ROLES)
+        return any(getattr(self, r) is not None for r in LAYER_ROLES) or any(
+            spec is not None for key, spec in self.overrides if key.rpartition("/")[2] in LAYER_ROLES)
+
+    def promotes(self, base: "QuantRecipe") -> bool:
+        """Whether this recipe is ``base`` with extra (layer, role)s kept in high precision and nothing else
+        changed (name and description aside): resuming ``base``'s checkpoints with it is allowed.
+
+        Example:
+            >>> base = get_recipe("e5m2")
+            >>> QuantRecipe.from_dict({"preset": "e5m2", "overrides": {"*.h.0.*/weight": None}}).promotes(base)
+            True
+            >>> QuantRecipe.from_dict({"preset": "e5m2", "overrides": {"*.h.0.*/weight": "e4m3"}}).promotes(base)
+            False
+        """
+        if self == base:
+            return False
+        # The promotions are a trailing run of None overrides; before them, base's own overrides, less any
+        # entry a promotion re-keys (`recipes/replay.py` moves those to the end, where they win).
+        rest = list(self.overrides)
+        promoted = set()
+        while rest and rest[-1][1] is None:
+            promoted.add(rest.pop()[0])
+        if rest != [o for o in base.overrides if o[0] not in promoted]:
+            return False
+        return dataclasses.replace(self, name=base.name, overrides=base.overrides) == base
 
     @classmethod
     def from_dict(cls, data: dict | str | "QuantRecipe" | None) -> "QuantRecipe":
@@ -399,9 +446,28 @@ class QuantRecipe:
                 continue  # absent unless set: recipes without them keep the dict older checkpoints hold
             out[role] = None if spec is None else spec.to_dict()
         out.update(modules=list(self.modules), exclude=list(self.exclude), backend=self.backend.value)
+        if self.overrides:  # only when used: recipes without overrides keep the dict checkpoints compare
+            out["overrides"] = {key: None if spec is None else spec.to_dict() for key, spec in self.overrides}
         if self.description:
             out["description"] = self.description
         return out
+
+
+def _parse_overrides(value: Any) -> tuple[tuple[str, TensorQuantSpec | None], ...]:
+    """``overrides`` from a mapping (YAML) or pairs, each key checked as ``<module pattern>/<role>``."""
+    if isinstance(value, dict):
+        value = tuple(value.items())
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+        raise ValueError(
+            f"recipe.overrides must map '<module pattern>/<role>' to a spec or null, got {value!r}")
+    out = []
+    for key, spec in value:
+        pattern, sep, role = key.rpartition("/") if isinstance(key, str) else ("", "", "")
+        if not sep or not pattern or role not in LAYER_ROLES:
+            raise ValueError(
+                f"recipe.overrides: key {key!r} must be '<module pattern>/<role>' with role one of {list(LAYER_ROLES)}")
+        out.append((key, TensorQuantSpec.from_dict(spec, where=f"recipe.overrides[{key!r}]")))
+    return tuple(out)
 
 
 def _all_roles(spec: TensorQuantSpec, name: str, description: str, **extra) -> QuantRecipe:

@@ -178,6 +178,8 @@ class QuantSession:
         self.step = 0  # optimizer steps finished
         self.bad_steps = 0  # consecutive steps whose update was skipped
         self.last_batch: dict[str, torch.Tensor] | None = None  # what an anomaly checkpoint saves
+        # This step's micro-batches and the RNG state before each: what a replay re-runs.
+        self.step_batches: list[tuple[dict[str, torch.Tensor], Any]] = []
         self._collecting = False
         self._shadow_step = False
         self._rng_before: Any = None
@@ -213,6 +215,7 @@ class QuantSession:
         self.quantizer.begin_step()
         self.quantizer.set_collect_stats(self._collecting)
         self._step_losses = []
+        self.step_batches = []
         if self._shadow_step:
             device = next(unwrap_model(self.model).parameters()).device
             if next(self.shadow.model.parameters()).device != device:
@@ -225,8 +228,10 @@ class QuantSession:
         """Call before the model's forward on a micro-batch (the shadow replays its RNG state)."""
         # Kept on device (no copy, no sync); moved to the CPU only if an anomaly checkpoint saves it.
         self.last_batch = {k: v.detach() for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        if self._shadow_step:
-            self._rng_before = _rng_state(self._device)
+        # Always taken (a host-side copy of the generator state, no device sync): the shadow replays it on
+        # comparison steps, and an anomaly checkpoint keeps it so the step can be replayed bit for bit.
+        self._rng_before = _rng_state(self._device)
+        self.step_batches.append((self.last_batch, self._rng_before))
 
     def after_micro_batch(
         self,

@@ -160,6 +160,8 @@ class AltGradTrainer(Trainer):
         if self._micro_in_window == 0:
             session.step = self.state.global_step  # also right after a resume
             session.begin_step()
+            self._step_loss_specs = []
+        self._step_loss_specs.append(self._loss_spec(num_items_in_batch))
         session.before_micro_batch(inputs)
         loss = super().training_step(model, inputs, num_items_in_batch)
         session.after_micro_batch(
@@ -173,6 +175,25 @@ class AltGradTrainer(Trainer):
             if not verdict.ok:
                 self._on_bad_step(verdict)
         return loss
+
+    def _loss_spec(self, num_items_in_batch) -> dict:
+        """How `Trainer.compute_loss` / `training_step` turn this micro-batch's model loss into the recorded
+        loss (``* multiplier``) and the one backpropagated (``/ divisor``), as data a replay re-applies."""
+        multiplier = 1
+        if (self.args.average_tokens_across_devices and (self.model_accepts_loss_kwargs or self.compute_loss_func)
+                and num_items_in_batch is not None):
+            multiplier = self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
+        declared = getattr(self, "loss_is_scaled_for_ga", None)
+        scaled = declared if declared is not None else (
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
+        divisor = (1 if scaled else self.current_gradient_accumulation_steps) * self.accelerator.gradient_accumulation_steps
+        return {
+            "num_items_in_batch": num_items_in_batch if self.model_accepts_loss_kwargs else None,
+            "multiplier": multiplier,
+            "divisor": divisor,
+            # What a replay cannot re-apply: it refuses such a record, naming this.
+            "custom_loss": self.label_smoother is not None or self.compute_loss_func is not None,
+        }
 
     def _shadow_loss_fn(self, num_items_in_batch):
         """The shadow's loss, computed as `Trainer.training_step` computes the model's.
@@ -205,7 +226,8 @@ class AltGradTrainer(Trainer):
         if verdict.anomalies:
             # Saved before the update is skipped: reloading this checkpoint and re-running batch.pt
             # reproduces the non-finite loss.
-            self.save_anomaly_checkpoints(verdict.anomalies, {"loss": verdict.loss, "nonfinite_layers": verdict.bad_tensors})
+            self.save_anomaly_checkpoints(verdict.anomalies, {"loss": verdict.loss, "nonfinite_layers": verdict.bad_tensors},
+                                          state="before_step")
         if verdict.stop:
             self.control.should_training_stop = True
             self.stop_reason = verdict.message
@@ -228,8 +250,12 @@ class AltGradTrainer(Trainer):
             self.state.log_history[-1] = M.summary_metrics(self.state.log_history[-1])
 
     # ------------------------------------------------------------------ anomaly checkpoints
-    def save_anomaly_checkpoints(self, alerts: list, metrics: dict | None = None) -> list[str]:
+    def save_anomaly_checkpoints(self, alerts: list, metrics: dict | None = None, state: str = "after_step") -> list[str]:
         """Save a full checkpoint per alert under ``output_dir/anomalies/step-<N>-<rule>/``.
+
+        ``state``: ``"before_step"`` when called before the step's update (a non-finite step: the saved
+        weights, optimizer, scheduler and scaling state are those the step ran from, and `recipes/replay.py`
+        re-runs it bit for bit), ``"after_step"`` when called at a log, after the update.
 
         Holds the model, optimizer, scheduler, grad scaler, every rank's RNG state and micro-batch, the
         quantization state, run info, trainer state and the alert with its metrics; written to a
@@ -250,7 +276,17 @@ class AltGradTrainer(Trainer):
                 os.makedirs(tmp, exist_ok=True)
             self.accelerator.wait_for_everyone()  # the folder exists before any rank writes into it
             ckpt.save_rng_state(tmp, args.process_index, args.world_size)
-            ckpt.write_anomaly_record(tmp, alert, metrics, self.session.last_batch, args.process_index)
+            replay = {
+                "micro_batches": [b for b, _ in self.session.step_batches],
+                "rng_states": [r for _, r in self.session.step_batches],
+                "loss_specs": list(getattr(self, "_step_loss_specs", [])),
+                "quant_state": ckpt.step_start_quant_state(self.session),
+                "process_index": args.process_index,
+                "world_size": args.world_size,
+                "global_step": self.state.global_step,
+            }
+            ckpt.write_anomaly_record(tmp, alert, metrics, self.session.last_batch, args.process_index,
+                                      replay=replay, state=state, world_size=args.world_size)
             if args.should_save:
                 model = self.accelerator.unwrap_model(self.model)
                 model.save_pretrained(tmp)
@@ -260,7 +296,8 @@ class AltGradTrainer(Trainer):
                     torch.save(self.lr_scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
                 if getattr(self.accelerator, "scaler", None) is not None:
                     torch.save(self.accelerator.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
-                ckpt.save_session_state(tmp, self.session, getattr(model, "config", None), self._wandb_run_id())
+                ckpt.save_session_state(tmp, self.session, getattr(model, "config", None), self._wandb_run_id(),
+                                        mid_step=state == "before_step")
                 self.state.save_to_json(os.path.join(tmp, "trainer_state.json"))
             self.accelerator.wait_for_everyone()  # every rank's files are written before the rename
             if args.should_save:
