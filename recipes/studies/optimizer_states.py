@@ -34,10 +34,11 @@ def _spec(fmt: str, granularity: str) -> dict:
     return {"format": fmt, "scaling": "current", "granularity": granularity, "power_of_two": True}
 
 
-def grid(formats=FORMATS, granularity: str = "tensor") -> dict[str, QuantRecipe]:
+def grid(formats=FORMATS, granularity: str = "tensor", moments=tuple(MOMENTS)) -> dict[str, QuantRecipe]:
     runs = {"fp32": get_recipe("fp32")}
     for fmt in formats:
-        for label, roles in MOMENTS.items():
+        for label in moments:
+            roles = MOMENTS[label]
             name = f"{label.replace('+', '')}-{fmt.lower()}"
             runs[name] = QuantRecipe.from_dict({"name": name, **{r: _spec(fmt, granularity) for r in roles}})
     runs["msamp"] = QuantRecipe.from_dict({
@@ -124,10 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, default=CPU_CONFIG)
     p.add_argument("--formats", default=",".join(FORMATS), help="comma-separated format names")
     p.add_argument("--granularity", default="tensor", choices=["tensor", "row"], help="one scale per tensor or per row")
+    p.add_argument("--moments", default=",".join(MOMENTS),
+                   help=f"comma-separated, from {','.join(MOMENTS)}: which moments each format's runs store in it")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one CPU thread each")
     p.add_argument("overrides", nargs="*", help="train.py overrides for every run, e.g. training.max_steps=20")
     a = p.parse_args(argv)
-    runs = grid([f.strip() for f in a.formats.split(",") if f.strip()], a.granularity)
+    moments = [m.strip() for m in a.moments.split(",") if m.strip()]
+    if not moments or any(m not in MOMENTS for m in moments):
+        p.error(f"--moments {a.moments!r}: accepted values {list(MOMENTS)}")
+    runs = grid([f.strip() for f in a.formats.split(",") if f.strip()], a.granularity, moments)
     print(f"{len(runs)} runs into {a.out}", flush=True)
     run_grid(runs, a.out, a.config, a.overrides, a.jobs)
     rows = summarize(a.out, runs)
