@@ -172,6 +172,14 @@ class WhatIfAlternative:
     @classmethod
     def from_value(cls, value: Any, where: str = "whatif.alternatives") -> "WhatIfAlternative":
         """From a format name, a spec dict (plus an optional ``name``), a spec, or an alternative."""
+        try:
+            return cls._from_value(value, where)
+        except (ValueError, TypeError) as e:
+            message = str(e)
+            raise ValueError(message if message.startswith(where) else f"{where}: {message}") from None
+
+    @classmethod
+    def _from_value(cls, value: Any, where: str) -> "WhatIfAlternative":
         if isinstance(value, WhatIfAlternative):
             return value
         if isinstance(value, Mapping) and "name" in value:
