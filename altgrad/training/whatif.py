@@ -427,7 +427,7 @@ def attach_alternatives(quantizer: ModelQuantizer, alternatives: Sequence[WhatIf
         ...     "granularity": "block", "block_size": 48})])
         Traceback (most recent call last):
         ...
-        ValueError: whatif alternative 'E2M1-b48': block size 48 does not divide transformer.h.0.attn.c_attn's activation width 32; choose one that divides every quantized layer's width
+        ValueError: whatif alternative 'E2M1-b48': block size 48 does not divide transformer.h.0.attn.c_attn's weight width 32; choose one that divides every quantized layer's width
     """
     layers = dict(quantizer.layers)
     probes = {}
