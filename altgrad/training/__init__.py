@@ -11,6 +11,8 @@ One file per concern:
 ``native_fp8.py``      the same GEMMs on FP8 tensor cores (`torch._scaled_mm`); `NativeFP8Plan`, decided
                        once per layer at conversion
 ``shadow.py``          `FP32ShadowModel`: the float32 twin that measures gradient fidelity
+``whatif.py``          what-if: other formats scored on the run's own tensors (statistics on logging steps)
+                       and steps (alternative recipes replayed, gradients scored against the shadow)
 ``session.py``         `QuantSession`: the per-step lifecycle any training loop drives (conversion,
                        shadow, statistics, bit-stall, non-finite verdict, metrics, alerts)
 ``checkpointing.py``   altgrad's checkpoint files, atomic folders, resume checks, anomaly checkpoints
@@ -42,6 +44,7 @@ from altgrad.training.recipe import (
 from altgrad.training.session import QuantSession, StepVerdict, perplexity
 from altgrad.training.shadow import FP32ShadowModel, gradient_snr
 from altgrad.training.trainer import AltGradTrainer
+from altgrad.training.whatif import WhatIfConfig
 
 __all__ = [
     "QuantRecipe",
@@ -67,4 +70,5 @@ __all__ = [
     "StepVerdict",
     "perplexity",
     "AltGradTrainer",
+    "WhatIfConfig",
 ]
