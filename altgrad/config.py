@@ -15,6 +15,10 @@ An experiment has five sections::
     quantization:  # a QuantRecipe (preset name or dict) and how often to run the FP32 shadow
       recipe: e5m2             # or {preset: e5m2, exclude: ["*.c_proj"]} or a full recipe dict
       shadow_every: 1          # null: no shadow (no grad_cos_sim metrics)
+      whatif:                  # optional: other formats scored on this run's tensors/steps (training unchanged)
+        alternatives: [E3M4, {format: E2M1, granularity: block, block_size: 32, scaling: current, scale_format: E8M0}]
+        grad_every: 50         # replay every 50th step under other recipes, scored against the FP32 shadow
+        grad_swap_roles: [grad_output]   # ... the run's recipe with grad_output in each alternative
     training:      # transformers.TrainingArguments fields, plus altgrad keys (see TrainingSection)
       output_dir: out/cpu_shakespeare_char
       max_steps: 2000
@@ -59,6 +63,7 @@ from transformers import HfArgumentParser
 from altgrad.data import DataConfig
 from altgrad.monitoring.config import MonitoringConfig
 from altgrad.training.recipe import QuantRecipe
+from altgrad.training.whatif import WhatIfConfig
 
 __all__ = [
     "ExperimentConfig",
@@ -114,6 +119,9 @@ class QuantizationSection:
     # Run the FP32 shadow backward every N optimizer steps (grad_cos_sim/* metrics); null = never.
     # Every step is the most faithful and costs roughly one extra forward/backward.
     shadow_every: Union[int, None] = 1
+    # What-if (altgrad.training.whatif.WhatIfConfig): {alternatives: [...], grad_every: N, grad_recipes: [...],
+    # grad_swap_roles: [...]}; null = none. Scores other formats on this run without changing it.
+    whatif: Union[dict, None] = None
 
     def validate(self) -> QuantRecipe:
         try:
@@ -122,6 +130,9 @@ class QuantizationSection:
             raise ValueError(f"quantization.recipe: {e}") from None
         if self.shadow_every is not None and self.shadow_every < 1:
             raise ValueError(f"quantization.shadow_every={self.shadow_every} must be >= 1 or null (no shadow)")
+        if self.whatif is not None:
+            whatif = WhatIfConfig.from_dict(self.whatif)
+            whatif.grad_recipes_for(recipe)  # recipe errors now, not at the first what-if step
         return recipe
 
 
@@ -243,7 +254,9 @@ class ExperimentConfig:
         return {
             "model": dataclasses.asdict(self.model),
             "data": dataclasses.asdict(self.data),
-            "quantization": {"recipe": recipe, "shadow_every": self.quantization.shadow_every},
+            "quantization": {"recipe": recipe, "shadow_every": self.quantization.shadow_every,
+                             **({} if self.quantization.whatif is None
+                                else {"whatif": WhatIfConfig.from_dict(self.quantization.whatif).to_dict()})},
             "training": self.training.to_dict(),
             "monitoring": self.monitoring.to_dict(),
         }

@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "config sections (see altgrad/config.py and recipes/configs/*.yaml):\n"
             "  model.*         n_layer n_head n_embd block_size dropout bias\n"
             "  data.*          altgrad.data.DataConfig: source path tokenizer bpe_vocab_size cache_dir max_eval_blocks ...\n"
-            "  quantization.*  recipe (preset name or dict: fp32 bf16 e5m2 fp8_hybrid mxfp8 e3m4 e2m5 e1m6 e7m0), shadow_every\n"
+            "  quantization.*  recipe (preset name or dict: fp32 bf16 e5m2 fp8_hybrid mxfp8 e3m4 e2m5 e1m6 e7m0), shadow_every,\n"
+            "                  whatif.{alternatives,grad_every,grad_recipes,grad_swap_roles} (altgrad.training.whatif)\n"
             "  training.*      any transformers.TrainingArguments field, plus min_lr, resume_from_checkpoint, project, tags\n"
             "  monitoring.*    altgrad.monitoring.MonitoringConfig: bit_stall_threshold overflow_threshold cos_sim_floor ...\n"
             "\nexamples:\n"
@@ -175,6 +176,7 @@ def build_trainer(cfg, training_args, data):
         training_args,
         recipe=recipe,
         shadow_every=cfg.quantization.shadow_every,
+        whatif=cfg.quantization.whatif,
         monitoring=cfg.monitoring,
         train_dataset=data.train_dataset,
         eval_dataset=data.eval_dataset,

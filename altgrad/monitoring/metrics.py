@@ -21,6 +21,10 @@ Example:
     (True, False)
     >>> is_per_tensor("quantization/transformer.h.0.mlp.c_fc/weight/sqnr_db"), is_per_tensor(OVERFLOW_RATE)
     (True, False)
+    >>> is_per_tensor("whatif/E3M4/sqnr_db"), is_per_tensor("whatif/E3M4/activation/sqnr_db")
+    (False, True)
+    >>> is_per_tensor("whatif_grad/e3m4/grad_cos_sim/mean"), is_per_tensor("whatif_grad/e3m4/grad_snr/wte.weight")
+    (False, True)
     >>> summary_metrics({"loss": 2.0, "grad_l2/lm_head.weight": 0.3, "val/loss": 2.1})
     {'loss': 2.0, 'val/loss': 2.1}
 """
@@ -53,9 +57,14 @@ __all__ = [
     "UNDERFLOW_RATE",
     "VAL_LOSS",
     "VAL_PERPLEXITY",
+    "WHATIF_GRAD_FP32_LOSS",
+    "WHATIF_GRAD_PREFIX",
+    "WHATIF_PREFIX",
     "is_per_tensor",
     "read_metrics",
     "summary_metrics",
+    "whatif_grad_key",
+    "whatif_key",
 ]
 
 #: Every logged dict of a run, one JSON object per line, in the run directory.
@@ -85,6 +94,40 @@ BIT_STALL_RATE = "quantization/bit_stall_rate"
 STORED_WEIGHT_BIT_STALL_RATE = "quantization/stored_weight_bit_stall_rate"
 BIT_STALL_LAYER_PREFIX = "quantization/bit_stall/"
 
+# ---- what-if (altgrad.training.whatif): other formats scored on the run's own tensors and steps.
+# Statistics: whatif/<alt>/<stat> (summary), whatif/<alt>/<role>/<stat> and
+# whatif/<alt>/<layer>/<role>/<stat> (detail); stats: sqnr_db, overflow_rate, underflow_rate, rel_err.
+WHATIF_PREFIX = "whatif/"
+# Gradients: whatif_grad/<recipe>/{loss,loss_diff} and whatif_grad/<recipe>/<shadow metric>/{mean,min}
+# (summary), whatif_grad/<recipe>/<shadow metric>/<param> (detail), whatif_grad/fp32_loss (summary).
+WHATIF_GRAD_PREFIX = "whatif_grad/"
+WHATIF_GRAD_FP32_LOSS = "whatif_grad/fp32_loss"
+
+
+def whatif_key(alternative: str, stat: str, layer: str | None = None, role: str | None = None) -> str:
+    """The name of a what-if statistic: per alternative, per (alternative, role), or per tensor.
+
+    Example:
+        >>> whatif_key("E3M4", "sqnr_db"), whatif_key("E3M4", "rel_err", role="activation")
+        ('whatif/E3M4/sqnr_db', 'whatif/E3M4/activation/rel_err')
+        >>> whatif_key("E3M4", "overflow_rate", layer="transformer.h.0.mlp.c_fc", role="weight")
+        'whatif/E3M4/transformer.h.0.mlp.c_fc/weight/overflow_rate'
+    """
+    parts = [alternative, *(p for p in (layer, role) if p is not None), stat]
+    return WHATIF_PREFIX + "/".join(parts)
+
+
+def whatif_grad_key(recipe: str, metric: str) -> str:
+    """The name of a what-if gradient score: ``metric`` is a shadow-comparison key (``grad_cos_sim/mean``,
+    ``grad_snr/<param>``...), ``loss`` or ``loss_diff``.
+
+    Example:
+        >>> whatif_grad_key("grad_output=E3M4", "grad_cos_sim/mean")
+        'whatif_grad/grad_output=E3M4/grad_cos_sim/mean'
+    """
+    return f"{WHATIF_GRAD_PREFIX}{recipe}/{metric}"
+
+
 #: The default alert thresholds, shared by `MonitoringConfig` and compare.py's verdicts.
 DEFAULT_THRESHOLDS: Mapping[str, float] = {
     "bit_stall": 0.5,
@@ -107,6 +150,14 @@ def is_per_tensor(key: str) -> bool:
     if family == "quantization":
         # quantization/<stat> is pooled; quantization/<layer>/<role>/<stat> and bit_stall/<layer> are not.
         return "/" in rest
+    if family == "whatif":
+        # whatif/<alt>/<stat> is the summary; per role and per tensor are detail (8 alternatives x 5 roles
+        # would flood trainer_state.json at every logging step).
+        return rest.count("/") > 1
+    if family == "whatif_grad":
+        # whatif_grad/<recipe>/loss[_diff] and whatif_grad/<recipe>/<metric>/{mean,min} are summaries.
+        parts = rest.split("/")
+        return len(parts) > 2 and parts[-1] not in _AGGREGATE_SUFFIXES
     return rest not in _AGGREGATE_SUFFIXES
 
 

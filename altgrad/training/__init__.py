@@ -13,6 +13,8 @@ One file per concern:
 ``optimizer_states.py``  `OptimizerStateQuantizer`: Adam's moments rounded into the recipe's
                        ``optimizer_m`` / ``optimizer_v`` formats after every step
 ``shadow.py``          `FP32ShadowModel`: the float32 twin that measures gradient fidelity
+``whatif.py``          what-if: other formats scored on the run's own tensors (statistics on logging steps)
+                       and steps (alternative recipes replayed, gradients scored against the shadow)
 ``session.py``         `QuantSession`: the per-step lifecycle any training loop drives (conversion,
                        shadow, statistics, bit-stall, non-finite verdict, metrics, alerts)
 ``checkpointing.py``   altgrad's checkpoint files, atomic folders, resume checks, anomaly checkpoints
@@ -48,6 +50,7 @@ from altgrad.training.recipe import (
 from altgrad.training.session import QuantSession, StepVerdict, perplexity
 from altgrad.training.shadow import FP32ShadowModel, gradient_snr
 from altgrad.training.trainer import AltGradTrainer
+from altgrad.training.whatif import WhatIfConfig
 
 __all__ = [
     "QuantRecipe",
@@ -77,4 +80,5 @@ __all__ = [
     "StepVerdict",
     "perplexity",
     "AltGradTrainer",
+    "WhatIfConfig",
 ]

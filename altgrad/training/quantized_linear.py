@@ -196,18 +196,23 @@ class StatsAccumulator:
         self._per_call: torch.Tensor | None = None
         self._numel = 0
 
+    def add_sums(self, sums: torch.Tensor, numel: int) -> None:
+        """Fold in one call's kernel sums alone (no dynamic-range pass over ``q``, no scale): what a
+        what-if alternative records, where the rounded tensor itself is thrown away."""
+        if self._sums is None:
+            self._sums, self._amax_seen = sums, sums[0]
+        else:
+            self._sums = self._sums + sums
+            self._amax_seen = torch.maximum(self._amax_seen, sums[0])
+        self._numel += numel
+        self.count += 1
+
     def add(self, sums: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None) -> None:
         """Fold in one call: ``sums`` from the rounding pass over ``q`` (format units), with ``scale``."""
         scale_mean = torch.ones((), device=q.device) if scale is None else scale.detach().float().mean()
         per_call = torch.stack([dynamic_range_used(q, self.format), scale_mean])
-        if self._sums is None:
-            self._sums, self._amax_seen, self._per_call = sums, sums[0], per_call
-        else:
-            self._sums = self._sums + sums
-            self._amax_seen = torch.maximum(self._amax_seen, sums[0])
-            self._per_call = self._per_call + per_call
-        self._numel += q.numel()
-        self.count += 1
+        self._per_call = per_call if self._per_call is None else self._per_call + per_call
+        self.add_sums(sums, q.numel())
 
     def pop(self) -> dict[str, torch.Tensor]:
         """Statistics since the last call (on-device 0-d tensors), then reset.
@@ -215,15 +220,25 @@ class StatsAccumulator:
         Rates pool every collected call (overflowing elements / elements seen), SQNR pools their
         energies in the format's units, ``x * scale`` (so with current scaling a call weighs by its
         scale squared; capped at ``SQNR_CAP_DB`` for exactly carried tensors), amax is a max, and
-        ``dynamic_range_used`` and ``scale`` are means over the calls.
+        ``dynamic_range_used`` and ``scale`` are means over the calls (absent when only
+        :meth:`add_sums` fed it).
+
+        ``rel_err`` is ``sqrt(noise_energy / signal_energy)`` of the same pooled sums, i.e. exactly
+        ``10 ** (-sqnr_db / 20)`` before the cap (0 for an exact tensor): ``||Q(xs) - xs|| / ||xs||`` with
+        ``xs = x * scale``. With one scale per tensor that is ``||Q(x) - x|| / ||x||``; with row, block or
+        tile scales each scale group weighs by its scale squared, like the SQNR.
         """
         if not self.count:
             return {}
         sums = torch.cat([self._amax_seen.view(1), self._sums[1:]])
         out = stats_from_sums(sums, self._numel)
         out["sqnr_db"] = out["sqnr_db"].clamp(max=SQNR_CAP_DB)
-        per_call = self._per_call / self.count
-        out["dynamic_range_used"], out["scale"] = per_call[0], per_call[1]
+        signal, noise = sums[3], sums[4]
+        out["rel_err"] = torch.where(
+            noise > 0, (noise / signal.clamp_min(1e-300)).sqrt(), torch.zeros_like(noise)).to(torch.float32)
+        if self._per_call is not None:
+            per_call = self._per_call / self.count
+            out["dynamic_range_used"], out["scale"] = per_call[0], per_call[1]
         self._sums = self._amax_seen = self._per_call = None
         self._numel = self.count = 0
         return out
@@ -251,6 +266,9 @@ class TensorQuantizer:
         self.granularity = spec.scale_granularity
         self.state = ScaleState(spec)
         self.stats = StatsAccumulator(spec.format)
+        # What-if probes (`altgrad.training.whatif`): on logged calls each also rounds x into another
+        # format, recording its own statistics and touching nothing of this quantizer's state.
+        self.whatif: list = []
         # The rounding pass's options, as the plain values the kernels key their compiled variants on.
         self._round_kwargs = dict(rounding=spec.rounding.value, saturate=spec.saturate)
 
@@ -274,6 +292,8 @@ class TensorQuantizer:
     def begin_step(self) -> None:
         """Start an optimizer step (see :class:`ScaleState`)."""
         self.state.begin_step()
+        for probe in self.whatif:
+            probe.begin_step()
 
     def scale_for(self, x: torch.Tensor, record: bool = True) -> torch.Tensor | None:
         """The multiplier for ``x``; ``record=False`` (evaluation) leaves the scaling state untouched."""
@@ -304,6 +324,8 @@ class TensorQuantizer:
             q, sums = quantize_with_sums(x, spec.format, scale, dtype=torch.float32 if dequant else dtype, **kwargs)
             current = sums[0].to(torch.float32)
             stats.add(sums, q, scale)
+            for probe in self.whatif:  # before observe_amax: a probe sharing the history sees what `scale` saw
+                probe.observe(x, state)
             if dequant:
                 q = dequantize(q, scale).to(dtype or x.dtype)
         elif record and state.delayed and x.numel():
@@ -537,6 +559,18 @@ class ModelQuantizer:
         for key, q in self.all_quantizers().items():
             for stat, value in q.pop_stats().items():
                 out[f"{key}/{stat}"] = value
+        return out
+
+    def pop_whatif_stats(self) -> dict[tuple[str, str, str], dict[str, torch.Tensor]]:
+        """What-if statistics since the last call: ``{(alternative, layer, role): {stat: 0-d tensor}}``
+        (see `altgrad.training.whatif`); empty without alternatives."""
+        out = {}
+        for key, q in self.all_quantizers().items():
+            layer, role = key.rsplit("/", 1)
+            for probe in q.whatif:
+                stats = probe.stats.pop()
+                if stats:
+                    out[(probe.name, layer, role)] = stats
         return out
 
     # ------------------------------------------------------------------ optimizer-step hooks

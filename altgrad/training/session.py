@@ -64,6 +64,7 @@ from altgrad.monitoring import metrics as M
 from altgrad.training.quantized_linear import SQNR_CAP_DB, ModelQuantizer, quantize_model
 from altgrad.training.recipe import QuantRecipe
 from altgrad.training.shadow import FP32ShadowModel, unwrap_model
+from altgrad.training.whatif import GradientWhatIf, WhatIfConfig, attach_alternatives, whatif_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,9 @@ class QuantSession:
         is_main_process: only the main process writes alert files and talks to W&B.
         optimizer: the optimizer whose moments a recipe with ``optimizer_m`` / ``optimizer_v`` rounds; or
             attach it later with :meth:`attach_optimizer` (before the first ``end_step``).
+        whatif: a `WhatIfConfig` (or its dict): other formats scored on this run's tensors on logging
+            steps, and other recipes replayed on this run's steps (see `altgrad.training.whatif`);
+            training itself is unchanged, bit for bit.
     """
 
     def __init__(
@@ -158,6 +162,7 @@ class QuantSession:
         output_dir: str | None = None,
         is_main_process: bool = True,
         optimizer: torch.optim.Optimizer | None = None,
+        whatif: WhatIfConfig | Mapping[str, Any] | None = None,
     ) -> None:
         if shadow_every is not None and (not isinstance(shadow_every, int) or shadow_every < 0):
             raise ValueError(f"shadow_every must be None or a non-negative int, got {shadow_every!r}")
@@ -169,7 +174,13 @@ class QuantSession:
         if optimizer is not None:
             self.attach_optimizer(optimizer)
         self.shadow_every = shadow_every or 0
-        self.shadow = FP32ShadowModel(model) if self.shadow_every else None
+        self.whatif = WhatIfConfig.from_dict(whatif)
+        attach_alternatives(self.quantizer, self.whatif.alternatives)
+        grad_recipes = self.whatif.grad_recipes_for(self.recipe) if self.whatif.grad_every else []
+        self.whatif_grads = GradientWhatIf(model, grad_recipes) if grad_recipes else None
+        # What-if gradients are scored against the shadow: a what-if step is a shadow step, with or
+        # without shadow_every.
+        self.shadow = FP32ShadowModel(model) if self.shadow_every or self.whatif_grads else None
         self.monitoring = (
             monitoring if isinstance(monitoring, MonitoringConfig) else MonitoringConfig.from_dict(monitoring or {})
         )
@@ -182,7 +193,9 @@ class QuantSession:
         self.step_batches: list[tuple[dict[str, torch.Tensor], Any]] = []
         self._collecting = False
         self._shadow_step = False
+        self._whatif_step = False
         self._rng_before: Any = None
+        self._shadow_losses: list[torch.Tensor] = []
         self._step_losses: list[torch.Tensor] = []
         self._pending: dict[str, torch.Tensor] = {}  # device metrics waiting for the next `metrics()`
         self._tokens = 0
@@ -211,16 +224,21 @@ class QuantSession:
         takes the current weights."""
         step = self.step + 1
         self._collecting = self._is_log_step(step) if log is None else bool(log)
-        self._shadow_step = self.shadow is not None and (step - 1) % self.shadow_every == 0
+        self._whatif_step = self.whatif_grads is not None and step % self.whatif.grad_every == 0
+        self._shadow_step = self.shadow is not None and (
+            bool(self.shadow_every) and (step - 1) % self.shadow_every == 0 or self._whatif_step)
         self.quantizer.begin_step()
         self.quantizer.set_collect_stats(self._collecting)
         self._step_losses = []
         self.step_batches = []
+        self._shadow_losses = []
         if self._shadow_step:
             device = next(unwrap_model(self.model).parameters()).device
             if next(self.shadow.model.parameters()).device != device:
                 self.shadow.model.to(device)
             self.shadow.sync_from(self.model)
+        if self._whatif_step:
+            self.whatif_grads.sync_from(self.model)
         if self._window_start is None:
             self._window_start = time.perf_counter()
 
@@ -244,7 +262,9 @@ class QuantSession:
 
         ``shadow_loss_fn(shadow_model, batch)`` must compute the loss exactly as the caller did for the
         model, gradient-accumulation scaling included (default: ``shadow_model(**batch).loss``). The RNG is
-        rewound to where the model's forward started (same dropout masks) and restored afterwards.
+        rewound to where the model's forward started (same dropout masks) and restored afterwards. On
+        what-if gradient steps every alternative recipe's replica replays the micro-batch the same way
+        (under the autocast state of this call; the shadow runs without autocast).
         """
         self._step_losses.append(loss.detach())
         ids = batch.get("input_ids")
@@ -256,7 +276,9 @@ class QuantSession:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if self._rng_before is not None:
                 _set_rng_state(device, self._rng_before)
-            self.shadow.accumulate(dict(batch), loss_fn=shadow_loss_fn)
+            self._shadow_losses.append(self.shadow.accumulate(dict(batch), loss_fn=shadow_loss_fn))
+        if self._whatif_step:
+            self.whatif_grads.replay(dict(batch), shadow_loss_fn, self._rng_before, self.quantizer)
 
     def forward_backward(
         self,
@@ -283,6 +305,8 @@ class QuantSession:
         ``nan_patience``), compares with the shadow on comparison steps, and on logging steps records
         per-parameter gradient norms and snapshots the weights for bit-stall.
         """
+        # What-if replicas round their weight gradients with the RNG state the run's rounding has here.
+        weight_grad_rng = _rng_state(self._device) if self._whatif_step else None
         self.quantizer.quantize_weight_grads()
         named = [(n, p.grad) for n, p in unwrap_model(self.model).named_parameters() if p.grad is not None]
         # A gradient norm is non-finite iff the gradient holds a NaN/inf.
@@ -297,6 +321,9 @@ class QuantSession:
         if self._shadow_step:
             self.shadow.all_reduce_grads()
             self._pending.update(self.shadow.compare(self.model))
+        if self._whatif_step:
+            self.whatif_grads.finish(weight_grad_rng)
+            self._pending.update(self.whatif_grads.metrics(self.shadow, self._shadow_losses))
         if self._collecting:
             for name, g in named:
                 if g.dim() < 2:
@@ -390,6 +417,8 @@ class QuantSession:
         for stat, name in _POOLED_STATS.items():
             if stat in by_stat:
                 pending[name] = torch.stack(by_stat[stat]).mean()
+        # Alternatives' statistics are device tensors like the rest: reduced in the same collective.
+        pending.update(whatif_metrics(self.quantizer.pop_whatif_stats()))
         if "sqnr_db" in by_stat:
             # Tensors carried exactly (e.g. weights already stored in the format) sit at the cap; they say
             # nothing about noise, so the aggregate averages the others.

@@ -90,6 +90,8 @@ class AltGradTrainer(Trainer):
             disables the shadow (saves one forward/backward and one float32 copy of the model).
         monitoring: an :class:`altgrad.monitoring.MonitoringConfig` (alerts, anomaly checkpoints,
             ``nan_patience``); ``None`` uses its defaults.
+        whatif: what-if alternatives and recipes (:class:`altgrad.training.whatif.WhatIfConfig` or its
+            dict), passed to the session.
         **kwargs: everything else `transformers.Trainer` accepts (datasets, callbacks, tokenizer ...).
     """
 
@@ -100,13 +102,14 @@ class AltGradTrainer(Trainer):
         recipe: QuantRecipe | str | dict | None = None,
         shadow_every: int | None = 1,
         monitoring: Any = None,
+        whatif: Any = None,
         **kwargs,
     ) -> None:
         if model is None:
             raise ValueError("AltGradTrainer needs a model instance (model_init is not supported)")
         # Converted before the Trainer wraps and moves the model (the shadow follows it at its first step).
         self.session = QuantSession(model, recipe, shadow_every=shadow_every, monitoring=monitoring,
-                                    is_log_step=self._will_log)
+                                    is_log_step=self._will_log, whatif=whatif)
         self._staging_root: str | None = None
         super().__init__(model=model, args=args, **kwargs)
         # The session's alert manager, fed the logs dict at every log (it writes the log, W&B and
