@@ -123,6 +123,23 @@ def test_two_alternatives_produce_the_named_metrics():
     assert m["whatif/E2M1-b16-E8M0/sqnr_db"] < m["whatif/E3M4/sqnr_db"]  # 3 bits of mantissa beat 1
 
 
+def test_alternatives_also_probe_optimizer_states():
+    model = tiny_gpt(seed=0)
+    recipe = {"name": "moments", "weight": "E4M3", "optimizer_m": {"format": "E4M3", "scaling": "current"}}
+    session = QuantSession(model, recipe, log_every=2, whatif={"alternatives": ["E5M2"]})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    session.attach_optimizer(opt)
+    for step in range(2):
+        session.begin_step()
+        session.forward_backward(batch(step))
+        assert session.before_optimizer_step().ok
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        logs = session.end_step()
+    own, alt = logs["quantization/transformer.h.0.mlp.c_fc.weight/exp_avg/sqnr_db"], logs["whatif/E5M2/exp_avg/sqnr_db"]
+    assert math.isfinite(own) and math.isfinite(alt) and alt < own  # 2 mantissa bits lose to 3
+
+
 # --------------------------------------------------------------------------- no effect on training
 def test_training_is_bitwise_identical_with_and_without_whatif():
     def run(whatif):

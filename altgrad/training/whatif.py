@@ -430,23 +430,26 @@ def attach_alternatives(quantizer: ModelQuantizer, alternatives: Sequence[WhatIf
         ValueError: whatif alternative 'E2M1-b48': block size 48 does not divide transformer.h.0.attn.c_attn's weight width 32; choose one that divides every quantized layer's width
     """
     layers = dict(quantizer.layers)
+    # Optimizer-state quantizers are keyed `<param>/exp_avg`: their tensor has the parameter's shape.
+    states = quantizer.optimizer_states
+    param_shapes = {name: tuple(p.shape) for name, p in states.params} if states is not None else {}
     probes = {}
     for key, q in quantizer.all_quantizers().items():
         layer_name, role = key.rsplit("/", 1)
-        layer = layers[layer_name]
+        layer = layers.get(layer_name)
+        shape = _role_dims(role, layer) if layer is not None else param_shapes[layer_name]
         mine = []
         for alt in alternatives:
             kind, n = alt.spec.granularity, alt.spec.block_size
-            if kind is GranularityKind.TILE and role not in _MATRIX_ROLES:
+            if kind is GranularityKind.TILE and (role not in _MATRIX_ROLES if layer is not None else len(shape) != 2):
                 continue
             if kind is GranularityKind.BLOCK:
-                width = _role_dims(role, layer)[-1]
+                width = shape[-1]
                 if width % n:
                     raise ValueError(
                         f"whatif alternative {alt.name!r}: block size {n} does not divide {layer_name}'s {role} width "
                         f"{width}; choose one that divides every quantized layer's width")
             elif kind is GranularityKind.TILE:
-                shape = _role_dims(role, layer)
                 if any(d % n for d in shape):
                     raise ValueError(
                         f"whatif alternative {alt.name!r}: {n}x{n} tiles do not divide {layer_name}'s {role} shape "
