@@ -23,9 +23,11 @@ Output in ``--out``: ``runs/<format>/<role>/seed<S>/`` (each a complete run dire
 ``recipes/compare.py``) and the heatmaps ``map_val_loss.png``, ``map_cos_sim.png``, ``map_divergence.png``.
 ``--report-only`` rebuilds the tables and plots from finished cells without running anything.
 
-``--whatif RUN_DIR`` adds the prediction plot: the what-if statistics of one run (alternatives named like the
-map's columns, see ``quantization.whatif`` in altgrad/config.py) against the cells' outcomes, with the rank
-correlation, in ``whatif_vs_map.png`` and ``map.md``.
+``--predict`` asks whether the cheap what-if predicts this expensive map: one more run, the baseline with
+every cell's recipe replayed as a what-if gradient recipe on the same steps (``quantization.whatif``, see
+altgrad/training/whatif.py), scored by gradient cosine similarity to the FP32 shadow; ``whatif_vs_map.png``
+and ``map.md`` set those scores against the cells' outcomes, with Spearman's rank correlation.
+``--whatif RUN_DIR`` does the same from a probe run made elsewhere.
 
 Verdicts (compare.py's conventions): PASS when val loss <= (1 + tol) x the baseline's and the mean shadow
 cosine similarity > cos_sim_floor; INVESTIGATE otherwise; DIVERGED when training stopped on non-finite
@@ -284,14 +286,15 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
     return max(ckpts, key=lambda p: int(p.name.split("-")[-1])) if ckpts else None
 
 
-def run_cell(cell: Cell, args: argparse.Namespace, slot: int, env_base: dict[str, str]) -> CellResult:
+def run_cell(cell: Cell, args: argparse.Namespace, slot: int, env_base: dict[str, str],
+             run_dir: Path | None = None, extra: Sequence[str] = ()) -> CellResult:
     """Train one cell through recipes/train.py (resuming a killed one) and record its result."""
-    run_dir = cell.run_dir(args.out)
+    run_dir = run_dir or cell.run_dir(args.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe = json.dumps(cell.recipe(args.role_names))  # JSON is YAML: the override parser reads it
     cmd = [sys.executable, str(TRAIN_SCRIPT), "--config", str(args.config), *args.overrides,
            f"quantization.recipe={recipe}", f"training.output_dir={run_dir}", f"training.seed={cell.seed}",
-           "training.report_to=none"]
+           "training.report_to=none", *extra]
     if args.shadow_every is not None:
         cmd.append(f"quantization.shadow_every={args.shadow_every}")
     if args.threads is not None:
@@ -595,8 +598,10 @@ def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
     Written out here because it is a few lines and scipy is not otherwise a dependency.
 
     Example:
-        >>> rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]), rank_correlation([1, 2, 3, 4], [4, 3, 2, 1])
+        >>> round(rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]), 6), round(rank_correlation([1, 2, 3], [9, 5, 1]), 6)
         (1.0, -1.0)
+        >>> round(rank_correlation([0.1, 0.2, 0.3], [1.0, 1.1, float("inf")]), 6)   # diverged ranks worst
+        1.0
         >>> round(rank_correlation([1, 2, 2, 3], [1, 3, 2, 4]), 4)
         0.9487
     """
@@ -646,7 +651,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-loss-tol", type=float, default=0.10, help="PASS: val loss <= (1 + tol) x baseline")
     p.add_argument("--cos-sim-floor", type=float, default=None, help="PASS: mean cos sim above this (default: the alert floor)")
     p.add_argument("--report-only", action="store_true", help="rebuild tables and plots from finished cells; run nothing")
-    p.add_argument("--whatif", type=Path, default=None, metavar="RUN_DIR", help="a run with what-if statistics to set against the map")
+    p.add_argument("--whatif", type=Path, default=None, metavar="RUN_DIR",
+                   help="a run whose what-if gradients (quantization.whatif) replayed this map's cells, set against the map")
+    p.add_argument("--predict", action="store_true",
+                   help="run that probe: the baseline replaying every cell as a what-if gradient recipe, then --whatif it")
+    p.add_argument("--predict-every", type=int, default=None, help="what-if steps of the probe (default: max_steps // 8)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides for every run")
     return p.parse_args(argv)
 
@@ -760,10 +769,18 @@ def main(argv: list[str] | None = None) -> int:
             more = [Cell(col_by_name[mc.format], mc.role, s) for mc in close for s in extra]
             print(f"{len(close)} cells within {args.close:.0%} of the baseline: seeds {extra} for them", flush=True)
             run_cells(more, args)
+    if args.predict and not args.report_only:
+        args.whatif = run_probe(columns, roles, primary, args)
+    elif args.predict:
+        args.whatif = args.out / PROBE_DIR / f"seed{primary}"
     baseline, grid = build_map(columns, roles, seeds, args.out, args)
     extra_md = ""
     if args.whatif is not None:
-        extra_md = whatif_report(args.whatif, columns, roles, grid, args.out)
+        try:
+            extra_md = whatif_report(args.whatif, columns, roles, grid, args.out)
+        except ValueError as e:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
     write_tables(columns, roles, baseline, grid, args.out, args, extra_md)
     paths = plot_heatmaps(columns, roles, grid, args.out, args)
     counts: dict[str, int] = {}
@@ -775,9 +792,129 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+PROBE_DIR = "whatif"
+
+
+def whatif_config(columns: list[Column], roles: list[str], layer_roles: Sequence[str], every: int) -> dict[str, Any]:
+    """``quantization.whatif`` for a probe run of the baseline: every cell of the map as a what-if gradient
+    recipe (``<role>=<column>``, and ``all=<column>``), replayed on the same steps and scored against the
+    FP32 shadow. Delayed columns are replayed with current scaling: a replica's own amax history would
+    only be fed on what-if steps, ``every`` steps apart, so its scale would be stale; current scaling is
+    what a fresh history gives.
+
+    Example:
+        >>> cfg = whatif_config([parse_column("E3M4")], ["weight", "all"], ["weight", "activation"], 100)
+        >>> cfg["grad_swap_roles"], [r["name"] for r in cfg["grad_recipes"]], cfg["alternatives"][0]["scaling"]
+        (['weight'], ['all=E3M4'], 'current')
+    """
+    alternatives = []
+    for col in columns:
+        spec = dict(col.spec)
+        if spec.get("scaling", "delayed") == "delayed":
+            spec = {k: v for k, v in spec.items() if k not in ("amax_history_len", "amax_algo")}
+            spec["scaling"] = "current"
+        alternatives.append({"name": col.name, **spec})
+    cfg: dict[str, Any] = {"alternatives": alternatives, "grad_every": every,
+                           "grad_swap_roles": [r for r in roles if r != ALL_ROLES]}
+    if ALL_ROLES in roles:
+        cfg["grad_recipes"] = [{"name": f"{ALL_ROLES}={a['name']}", **{r: {k: v for k, v in a.items() if k != "name"}
+                                                                       for r in layer_roles}} for a in alternatives]
+    return cfg
+
+
+def run_probe(columns, roles, seed: int, args) -> Path:
+    """The baseline with every cell replayed as a what-if gradient recipe (one run; skipped once finished)."""
+    run_dir = args.out / PROBE_DIR / f"seed{seed}"
+    if (run_dir / RESULT_FILE).is_file():
+        return run_dir
+    every = args.predict_every or max(1, args.max_steps // 8)
+    cfg = whatif_config(columns, roles, args.role_names, every)
+    cell = Cell(None, BASELINE, seed)
+    print(f"what-if probe: the baseline (seed {seed}) replaying {len(columns) * len(roles)} cell recipes every "
+          f"{every} steps -> {run_dir}", flush=True)
+    result = run_cell(cell, args, 0, dict(os.environ), run_dir=run_dir,
+                      extra=[f"quantization.whatif={json.dumps(cfg)}"])
+    print(f"what-if probe: {_describe(result)}", flush=True)
+    return run_dir
+
+
+def _outcome(mc: MapCell) -> float:
+    """A cell's outcome as one number to rank: val loss / baseline; a diverged cell ranks worst."""
+    if mc.diverged or mc.ratio is None:
+        return math.inf
+    return mc.ratio
+
+
 def whatif_report(run_dir: Path, columns, roles, grid, out: Path) -> str:
-    """Set the what-if statistics of one run against the map (filled in with the what-if metric names)."""
-    raise ValueError("--whatif needs what-if statistics")
+    """Set the what-if gradient cosine of each cell, measured in one baseline run, against the cell's
+    outcome in the map: a scatter plot (``whatif_vs_map.png``) and Spearman's rank correlation (Markdown)."""
+    from altgrad.monitoring import metrics as M
+
+    path = run_dir / M.METRICS_FILENAME
+    if not path.is_file():
+        raise ValueError(f"--whatif {run_dir}: no {M.METRICS_FILENAME} there (is it a run directory?)")
+    rows = M.read_metrics(path)
+    points = []  # (column, role, predicted cos, outcome)
+    for col in columns:
+        for role in roles:
+            key = M.whatif_grad_key(f"{role}={col.name}", "grad_cos_sim/mean")
+            values = _finite([r[key] for r in rows if isinstance(r.get(key), (int, float))])
+            mc = grid[(col.name, role)]
+            if values and mc.results:
+                points.append((col.name, role, statistics.fmean(values), _outcome(mc)))
+    if not points:
+        raise ValueError(f"--whatif {run_dir}: no whatif_grad/<role>=<format>/grad_cos_sim/mean metrics for this map's cells")
+    # Lower cosine similarity should mean a worse outcome: rank 1 - cos against the outcome.
+    rho = rank_correlation([1 - p[2] for p in points], [p[3] for p in points])
+    sub = [p for p in points if p[1] != "stored_weight"]
+    rho_sub = rank_correlation([1 - p[2] for p in sub], [p[3] for p in sub]) if sub else float("nan")
+    _plot_prediction(points, rho, out / "whatif_vs_map.png")
+    lines = [
+        "## Does the cheap what-if predict the map?",
+        "",
+        f"What-if gradient cosine similarity of each cell's recipe, replayed on the steps of one baseline run "
+        f"(`{run_dir}`), against the cell's outcome (val loss / baseline; diverged cells rank worst): "
+        f"Spearman rho = {rho:.3f} over {len(points)} cells; {rho_sub:.3f} without the stored_weight column "
+        "(rounding stored weights happens after the step, so a one-step replay cannot see it: its cosine is 1).",
+        "",
+        "| format | " + " | ".join(roles) + " |",
+        "|---|" + "---|" * len(roles),
+    ]
+    by = {(p[0], p[1]): p[2] for p in points}
+    for col in columns:
+        lines.append(f"| {col.name} | " + " | ".join(
+            f"{by[(col.name, r)]:.4f}" if (col.name, r) in by else "–" for r in roles) + " |")
+    return "\n".join(lines)
+
+
+def _plot_prediction(points, rho: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = [p[3] for p in points if math.isfinite(p[3])]
+    top = (max(finite) if finite else 1.0) * 1.15
+    fig, ax = plt.subplots(figsize=(7, 5))
+    roles = sorted({p[1] for p in points})
+    for i, role in enumerate(roles):
+        mine = [p for p in points if p[1] == role]
+        xs = [max(1 - p[2], 1e-6) for p in mine]
+        ys = [p[3] if math.isfinite(p[3]) else top for p in mine]
+        markers = ["x" if not math.isfinite(p[3]) else "o" for p in mine]
+        for x, y, m in zip(xs, ys, markers):
+            ax.scatter([x], [y], marker=m, color=f"C{i}", label=role if (x, y) == (xs[0], ys[0]) else None)
+    ax.axhline(top, color="gray", linestyle=":", linewidth=1)
+    ax.text(ax.get_xlim()[0] if ax.get_xlim()[0] > 0 else 1e-6, top, " diverged", va="bottom", fontsize=8, color="gray")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("1 - what-if gradient cosine similarity (one baseline run)")
+    ax.set_ylabel("val loss / baseline in the map")
+    ax.set_title(f"what-if vs trainability map: Spearman rho = {rho:.3f} (n = {len(points)})", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def finished(tmp_path_factory, shakespeare_path) -> tuple[Path, Path, subprocess
     work = tmp_path_factory.mktemp("sweep")
     config = _config(work / "tiny.yaml", shakespeare_path, work / "cache")
     out = work / "map"
-    proc = _sweep(config, out)
+    proc = _sweep(config, out, "--predict", "--predict-every", "5")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return config, out, proc
 
@@ -72,6 +72,21 @@ def test_grid_runs_every_cell_and_marks_divergence(finished):
     for name in ("map_val_loss.png", "map_cos_sim.png", "map_divergence.png"):
         assert (out / name).stat().st_size > 5000
     assert "diverged at step 1" in proc.stdout
+
+
+def test_predict_probe_replays_the_cells_without_changing_the_baseline(finished):
+    _, out, proc = finished
+    probe = json.loads((out / sweep.PROBE_DIR / "seed1" / sweep.RESULT_FILE).read_text())
+    base = json.loads((out / "runs" / sweep.BASELINE / "seed1" / sweep.RESULT_FILE).read_text())
+    assert probe["val_loss"] == base["val_loss"]  # what-if replays leave training bit for bit as it was
+    report = (out / "map.md").read_text()
+    assert "Does the cheap what-if predict the map?" in report and "Spearman rho" in report
+    assert (out / "whatif_vs_map.png").stat().st_size > 5000
+    from altgrad.monitoring import metrics as M
+
+    rows = M.read_metrics(out / sweep.PROBE_DIR / "seed1" / M.METRICS_FILENAME)
+    cos = [r["whatif_grad/activation=E4M3/grad_cos_sim/mean"] for r in rows if "whatif_grad/activation=E4M3/grad_cos_sim/mean" in r]
+    assert len(cos) == MAX_STEPS // 5 and all(0.8 < c <= 1.0 for c in cos)
 
 
 def test_rerun_skips_finished_cells_and_resumes_a_killed_one(finished):
@@ -123,6 +138,12 @@ def test_cell_recipes_put_one_role_or_all_in_the_format():
     every = sweep.Cell(col, "all", 1).recipe(roles)
     assert set(every) == {"name", *roles}
     assert sweep.Cell(None, sweep.BASELINE, 1).recipe(roles) == {"name": "baseline"}
+
+
+def test_docstring_examples():
+    import doctest
+
+    assert doctest.testmod(sweep).failed == 0
 
 
 def test_divergence_step_is_the_start_of_the_final_streak():
