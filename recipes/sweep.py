@@ -699,12 +699,24 @@ def prepare(args: argparse.Namespace) -> tuple[list[Column], list[str], list[int
 
 def _experiment_identity(cfg, args) -> dict[str, Any]:
     """What every cell of one sweep shares: the resolved experiment minus what a cell sets itself."""
-    resolved = cfg.to_dict()
-    resolved.get("quantization", {}).pop("recipe", None)
-    for key in ("output_dir", "seed", "resume_from_checkpoint", "report_to", "cpu_threads", "run_name"):
-        resolved.get("training", {}).pop(key, None)
-    resolved["quantization"]["shadow_every"] = args.shadow_every
-    return json.loads(json.dumps(resolved, default=str))
+    resolved = json.loads(json.dumps(cfg.to_dict(), default=str))
+    resolved.setdefault("quantization", {})["shadow_every"] = args.shadow_every
+    return _comparable(resolved)
+
+
+# Per-cell settings and bookkeeping that do not make two sweeps different experiments.
+_CELL_SETTINGS = {"quantization": ("recipe", "whatif"),
+                  "training": ("output_dir", "seed", "resume_from_checkpoint", "report_to", "cpu_threads", "run_name",
+                               "tags")}
+
+
+def _comparable(experiment: dict[str, Any]) -> dict[str, Any]:
+    out = {section: dict(values) if isinstance(values, dict) else values for section, values in experiment.items()}
+    for section, keys in _CELL_SETTINGS.items():
+        for key in keys:
+            if isinstance(out.get(section), dict):
+                out[section].pop(key, None)
+    return out
 
 
 MANIFEST = "sweep.json"
@@ -714,7 +726,7 @@ def check_manifest(out: Path, experiment: dict[str, Any]) -> None:
     """A sweep directory holds one experiment: refuse to mix cells of another into it (nothing is overwritten)."""
     path = out / MANIFEST
     if path.is_file():
-        saved = json.loads(path.read_text())
+        saved = _comparable(json.loads(path.read_text()))
         if saved != experiment:
             diff = sorted(_diff_keys(saved, experiment))
             raise ValueError(f"{out} holds a sweep of a different experiment (differs in {', '.join(diff[:6])}); "
