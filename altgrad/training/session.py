@@ -63,7 +63,7 @@ from altgrad.monitoring import Alert, AlertManager, MonitoringConfig
 from altgrad.monitoring import metrics as M
 from altgrad.training.quantized_linear import SQNR_CAP_DB, ModelQuantizer, quantize_model
 from altgrad.training.recipe import QuantRecipe
-from altgrad.training.shadow import FP32ShadowModel, unwrap_model
+from altgrad.training.shadow import FP32ShadowModel, get_rng_state, set_rng_state, unwrap_model
 from altgrad.training.whatif import GradientWhatIf, WhatIfConfig, attach_alternatives, whatif_metrics
 
 logger = logging.getLogger(__name__)
@@ -104,18 +104,6 @@ class StepVerdict:
     loss: float | None = None
     bad_tensors: list[str] = field(default_factory=list)
     anomalies: list[Alert] = field(default_factory=list)
-
-
-def _rng_state(device: torch.device):
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(device: torch.device, state) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
 
 
 def _mean_all_reduce(values: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,7 +236,7 @@ class QuantSession:
         self.last_batch = {k: v.detach() for k, v in batch.items() if isinstance(v, torch.Tensor)}
         # Always taken (a host-side copy of the generator state, no device sync): the shadow replays it on
         # comparison steps, and an anomaly checkpoint keeps it so the step can be replayed bit for bit.
-        self._rng_before = _rng_state(self._device)
+        self._rng_before = get_rng_state(self._device)
         self.step_batches.append((self.last_batch, self._rng_before))
 
     def after_micro_batch(
@@ -275,7 +263,7 @@ class QuantSession:
         device = self._device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if self._rng_before is not None:
-                _set_rng_state(device, self._rng_before)
+                set_rng_state(device, self._rng_before)
             self._shadow_losses.append(self.shadow.accumulate(dict(batch), loss_fn=shadow_loss_fn))
         if self._whatif_step:
             self.whatif_grads.replay(dict(batch), shadow_loss_fn, self._rng_before, self.quantizer)
@@ -306,7 +294,7 @@ class QuantSession:
         per-parameter gradient norms and snapshots the weights for bit-stall.
         """
         # What-if replicas round their weight gradients with the RNG state the run's rounding has here.
-        weight_grad_rng = _rng_state(self._device) if self._whatif_step else None
+        weight_grad_rng = get_rng_state(self._device) if self._whatif_step else None
         self.quantizer.quantize_weight_grads()
         named = [(n, p.grad) for n, p in unwrap_model(self.model).named_parameters() if p.grad is not None]
         # A gradient norm is non-finite iff the gradient holds a NaN/inf.

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from altgrad.training.quantized_linear import QuantLinear, set_submodule
 
-__all__ = ["FP32ShadowModel", "gradient_snr", "unwrap_model"]
+__all__ = ["FP32ShadowModel", "get_rng_state", "gradient_snr", "set_rng_state", "unwrap_model"]
 
 
 def gradient_snr(g: torch.Tensor) -> torch.Tensor:
@@ -34,6 +34,22 @@ def gradient_snr(g: torch.Tensor) -> torch.Tensor:
         return torch.full((), math.inf, device=g.device)
     mean, std = g.mean(), g.std()
     return torch.where(std > 0, mean.abs() / std.clamp_min(1e-45), torch.full_like(std, math.inf))
+
+
+def get_rng_state(device: torch.device):
+    """The generator state a forward on ``device`` draws from (CPU, plus the device's on CUDA): what a twin
+    of a step (the shadow, a what-if replica, a replay) rewinds to so its dropout masks and stochastic
+    rounding draws are the run's."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def set_rng_state(device: torch.device, state) -> None:
+    """Rewind to a state from :func:`get_rng_state`."""
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -84,7 +84,7 @@ from altgrad.training.recipe import (
     TensorQuantSpec,
     get_recipe,
 )
-from altgrad.training.shadow import FP32ShadowModel, unwrap_model
+from altgrad.training.shadow import FP32ShadowModel, get_rng_state, set_rng_state, unwrap_model
 
 __all__ = [
     "WhatIfAlternative",
@@ -501,18 +501,6 @@ def whatif_metrics(stats: Mapping[tuple[str, str, str], Mapping[str, torch.Tenso
 
 
 # ====================================================================== what-if gradients
-def _rng_state(device: torch.device):
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(device: torch.device, state) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda, device)
-
-
 @dataclass
 class _Replica:
     recipe: QuantRecipe
@@ -609,7 +597,7 @@ class GradientWhatIf:
             device = next(r.model.parameters()).device
             inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                _set_rng_state(device, rng_state)
+                set_rng_state(device, rng_state)
                 loss = compute(r.model, inputs)
                 loss.backward()
             r.losses.append(loss.detach())
@@ -627,7 +615,7 @@ class GradientWhatIf:
                         p.grad /= world
             device = next(r.model.parameters()).device
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                _set_rng_state(device, weight_grad_rng)
+                set_rng_state(device, weight_grad_rng)
                 r.quantizer.quantize_weight_grads()
 
     @torch.no_grad()

@@ -68,6 +68,20 @@ def run_grid(runs: dict[str, QuantRecipe], out: Path, config: Path = CPU_CONFIG,
             print(f"  {name}: {'reused' if not seconds else f'{seconds:.0f} s'}", flush=True)
 
 
+def study_parser(description: str, name: str, formats: tuple[str, ...]):
+    """The command line every study shares: --out, --plot, --config, --formats, --jobs and train.py overrides."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("runs") / name)
+    p.add_argument("--plot", type=Path, default=Path("docs/results") / f"{name}.png")
+    p.add_argument("--config", type=Path, default=CPU_CONFIG)
+    p.add_argument("--formats", default=",".join(formats), help="comma-separated format names")
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one CPU thread each")
+    p.add_argument("overrides", nargs="*", help="train.py overrides for every run, e.g. training.max_steps=20")
+    return p
+
+
 def read_run(run_dir: Path) -> dict:
     """``val_loss`` (the final evaluation) and ``metrics`` (every logged row of metrics.jsonl)."""
     history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]

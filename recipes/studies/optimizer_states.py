@@ -15,14 +15,13 @@ underflow and overflow of each moment over the logged steps and parameters) and 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from grid import CPU_CONFIG, mean_matching, read_run, run_grid  # noqa: E402
+from grid import mean_matching, read_run, run_grid, study_parser  # noqa: E402
 
 from altgrad.training.recipe import QuantRecipe, get_recipe  # noqa: E402
 
@@ -119,16 +118,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("runs/optimizer_states"))
-    p.add_argument("--plot", type=Path, default=Path("docs/results/optimizer_states.png"))
-    p.add_argument("--config", type=Path, default=CPU_CONFIG)
-    p.add_argument("--formats", default=",".join(FORMATS), help="comma-separated format names")
+    p = study_parser(__doc__, "optimizer_states", FORMATS)
     p.add_argument("--granularity", default="tensor", choices=["tensor", "row"], help="one scale per tensor or per row")
     p.add_argument("--moments", default=",".join(MOMENTS),
                    help=f"comma-separated, from {','.join(MOMENTS)}: which moments each format's runs store in it")
-    p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one CPU thread each")
-    p.add_argument("overrides", nargs="*", help="train.py overrides for every run, e.g. training.max_steps=20")
     a = p.parse_args(argv)
     moments = [m.strip() for m in a.moments.split(",") if m.strip()]
     if not moments or any(m not in MOMENTS for m in moments):

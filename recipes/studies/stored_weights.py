@@ -18,14 +18,13 @@ that only went into the compensation buffer counts as stalled for that step).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from grid import CPU_CONFIG, mean_of, read_run, run_grid  # noqa: E402
+from grid import mean_of, read_run, run_grid, study_parser  # noqa: E402
 
 from altgrad.monitoring import metrics as M  # noqa: E402
 from altgrad.training.recipe import QuantRecipe, get_recipe  # noqa: E402
@@ -126,14 +125,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("runs/stored_weights"))
-    p.add_argument("--plot", type=Path, default=Path("docs/results/stored_weights.png"))
-    p.add_argument("--config", type=Path, default=CPU_CONFIG)
-    p.add_argument("--formats", default=",".join(FORMATS), help="comma-separated format names")
+    p = study_parser(__doc__, "stored_weights", FORMATS)
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
-    p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one CPU thread each")
-    p.add_argument("overrides", nargs="*", help="train.py overrides for every run, e.g. training.max_steps=20")
     a = p.parse_args(argv)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     if not set(methods) <= set(METHODS):
