@@ -18,10 +18,11 @@ from test_trainer import _Windows, tiny_gpt
 RECIPE = QuantRecipe.from_dict({"preset": "e5m2", "stored_weight": {"format": "E5M2", "rounding": "stochastic"}})
 
 
-def _trainer(out, recipe=RECIPE, max_steps=8, report_to=(), model_kwargs=None, monitoring=None, trainer_cls=AltGradTrainer):
+def _trainer(out, recipe=RECIPE, max_steps=8, report_to=(), model_kwargs=None, monitoring=None, trainer_cls=AltGradTrainer,
+             save_steps=4):
     args = TrainingArguments(
         str(out), max_steps=max_steps, per_device_train_batch_size=4, logging_steps=1, learning_rate=3e-3,
-        save_strategy="steps", save_steps=4, report_to=list(report_to), use_cpu=True, disable_tqdm=True, seed=11,
+        save_strategy="steps", save_steps=save_steps, report_to=list(report_to), use_cpu=True, disable_tqdm=True, seed=11,
         warmup_steps=2,
     )
     return trainer_cls(
@@ -49,6 +50,15 @@ def test_resume_is_exact(tmp_path):
     for key, state in sa["quantizers"].items():
         ha, hb = state["history"], sb["quantizers"][key]["history"]
         assert (ha is None and hb is None) or (ha["history"].equal(hb["history"]) and ha["count"] == hb["count"])
+
+
+def test_resume_takes_the_new_save_interval(tmp_path):
+    # transformers alone would keep the checkpoint's save_steps=4 and write only checkpoint-8
+    _trainer(tmp_path / "a", max_steps=4).train()
+    resumed = _trainer(tmp_path / "b", save_steps=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-4"))
+    assert {"checkpoint-6", "checkpoint-8"} <= set(os.listdir(tmp_path / "b"))
+    assert resumed.state.save_steps == 2
 
 
 class _CrashDuringSave(AltGradTrainer):

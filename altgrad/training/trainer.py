@@ -68,6 +68,12 @@ class _SessionHooks(TrainerCallback):
     def __init__(self, trainer: "AltGradTrainer") -> None:
         self.trainer = trainer
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # transformers keeps a resumed checkpoint's logging/eval/save intervals (it only warns); a resume
+        # asked for new ones (`training.save_steps=100` on the command line), so the arguments win.
+        if state.max_steps:
+            state.compute_steps(args, state.max_steps)
+
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer.session.after_optimizer_step()
 
