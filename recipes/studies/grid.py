@@ -68,6 +68,18 @@ def run_grid(runs: dict[str, QuantRecipe], out: Path, config: Path = CPU_CONFIG,
             print(f"  {name}: {'reused' if not seconds else f'{seconds:.0f} s'}", flush=True)
 
 
+def run_study(script: str, runs: dict[str, QuantRecipe], args, argv: list[str] | None, summarize, write_summary, plot) -> int:
+    """Train a study's ``runs`` (finished ones reused), then write its summary (naming the command) and plot."""
+    print(f"{len(runs)} runs into {args.out}", flush=True)
+    run_grid(runs, args.out, args.config, args.overrides, args.jobs)
+    rows = summarize(args.out, runs)
+    command = f"python recipes/studies/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(write_summary(rows, args.out, command.strip()))
+    plot(rows, args.plot)
+    print(f"summary: {args.out / 'summary.md'}  plot: {args.plot}")
+    return 0
+
+
 def study_parser(description: str, name: str, formats: tuple[str, ...]):
     """The command line every study shares: --out, --plot, --config, --formats, --jobs and train.py overrides."""
     import argparse

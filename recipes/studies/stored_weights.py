@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from grid import mean_of, read_run, run_grid, study_parser  # noqa: E402
+from grid import mean_of, read_run, run_study, study_parser  # noqa: E402
 
 from altgrad.monitoring import metrics as M  # noqa: E402
 from altgrad.training.recipe import QuantRecipe, get_recipe  # noqa: E402
@@ -132,14 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if not set(methods) <= set(METHODS):
         p.error(f"--methods {a.methods!r}: accepted: {','.join(METHODS)}")
     runs = grid([f.strip() for f in a.formats.split(",") if f.strip()], methods)
-    print(f"{len(runs)} runs into {a.out}", flush=True)
-    run_grid(runs, a.out, a.config, a.overrides, a.jobs)
-    rows = summarize(a.out, runs)
-    command = "python recipes/studies/stored_weights.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(write_summary(rows, a.out, command.strip()))
-    plot(rows, a.plot)
-    print(f"summary: {a.out / 'summary.md'}  plot: {a.plot}")
-    return 0
+    return run_study("stored_weights.py", runs, a, argv, summarize, write_summary, plot)
 
 
 if __name__ == "__main__":
