@@ -4,7 +4,8 @@ is checked before any work, and anomaly checkpoints.
 A checkpoint folder written by `AltGradTrainer` holds the Trainer's files (``model.safetensors``,
 ``optimizer.pt``, ``scheduler.pt``, ``rng_state*.pth``, ``trainer_state.json``) plus:
 
-* ``altgrad_quant_state.pt`` -- the session's scaling state (amax histories, the step's amax);
+* ``altgrad_quant_state.pt`` -- the session's quantizer state (amax histories, the step's amax, the Kahan
+  buffers of compensated stored weights, optimizer-state scales);
 * ``altgrad_run.json``       -- run info: recipe, model config, W&B run id, the non-finite streak.
 
 An anomaly checkpoint (``<output_dir>/anomalies/step-<N>-<rule>/``) holds the same, plus ``batch.pt``

@@ -8,7 +8,7 @@ computed the loss. :func:`replay_step` rebuilds the GPT from the checkpoint, dri
 that one step and reports loss, gradient norm, non-finite tensors and the shadow cosine similarity:
 on the CPU, bit for bit what the run computed. A 2-process step is replayed in one process: each
 rank's micro-batches with that rank's scaling state, then the gradients averaged as DDP does
-(each divided by the world size, then summed in rank order; for two ranks that is exactly gloo's sum).
+(each divided by the world size, then summed, rank 0 last; for two ranks that is exactly gloo's sum).
 
 :func:`find_culprits` then promotes (layer, role) tensors to high precision (a recipe ``overrides``
 entry set to None) and narrows down, by delta debugging (ddmin), the smallest set whose promotion makes
