@@ -553,7 +553,8 @@ def plot_heatmaps(columns, roles, grid: dict, out: Path, args) -> list[Path]:
                 div[i, j] = min(r.diverged_step or 0 for r in mc.diverged)
     paths = []
 
-    def draw(data, title, filename, cmap, norm=None, fmt="{:.3f}", mark_diverged=True, vmin=None, vmax=None, label=""):
+    def draw(data, title, filename, cmap, norm=None, fmt="{:.3f}", mark_diverged=True, vmin=None, vmax=None, label="",
+             colorbar=True):
         fig, ax = plt.subplots(figsize=(1.3 * len(roles) + 2.5, 0.45 * len(names) + 1.8))
         masked = np.ma.masked_invalid(data)
         im = ax.imshow(masked, cmap=cmap, norm=norm, vmin=None if norm else vmin, vmax=None if norm else vmax, aspect="auto")
@@ -571,7 +572,13 @@ def plot_heatmaps(columns, roles, grid: dict, out: Path, args) -> list[Path]:
                 else:
                     text = fmt.format(data[i, j])
                 ax.text(j, i, text, ha="center", va="center", fontsize=7)
-        fig.colorbar(im, ax=ax, label=label)
+        bar = fig.colorbar(im, ax=ax, label=label) if colorbar else None
+        if bar is not None and norm is not None:  # a log scale's own labels read "1.2 x 10^0"; ratios read better plain
+            from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+            bar.set_ticks(np.geomspace(norm.vmin, norm.vmax, 6))
+            bar.ax.yaxis.set_major_formatter(FormatStrFormatter("%.3f"))
+            bar.ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_title(title, fontsize=10)
         fig.tight_layout()
         path = out / filename
@@ -586,8 +593,10 @@ def plot_heatmaps(columns, roles, grid: dict, out: Path, args) -> list[Path]:
          label="val loss ratio")
     draw(cos, "mean shadow gradient cosine similarity", "map_cos_sim.png", "RdYlGn", vmin=min(0.5, np.nanmin(cos) if np.isfinite(cos).any() else 0.5),
          vmax=1.0, fmt="{:.3f}", label="cos sim")
-    draw(div, "divergence: first step of the final non-finite streak", "map_divergence.png", "magma",
-         fmt="{:.0f}", mark_diverged=True, label="step")
+    any_diverged = bool(np.isfinite(div).any())
+    draw(div, "divergence: first step of the final non-finite streak" if any_diverged else
+         "divergence: no cell diverged (every run reached its last step)", "map_divergence.png", "magma",
+         fmt="{:.0f}", mark_diverged=True, label="step", colorbar=any_diverged)
     return paths
 
 
