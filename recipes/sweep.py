@@ -814,6 +814,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 PROBE_DIR = "whatif"
+UNREPLAYABLE_ROLE = "stored_weight"  # rounded after the optimizer step: a one-step replay cannot see it
 
 
 def whatif_config(columns: list[Column], roles: list[str], layer_roles: Sequence[str], every: int) -> dict[str, Any]:
@@ -821,12 +822,17 @@ def whatif_config(columns: list[Column], roles: list[str], layer_roles: Sequence
     recipe (``<role>=<column>``, and ``all=<column>``), replayed on the same steps and scored against the
     FP32 shadow. Delayed columns are replayed with current scaling: a replica's own amax history would
     only be fed on what-if steps, ``every`` steps apart, so its scale would be stale; current scaling is
-    what a fresh history gives.
+    what a fresh history gives. ``stored_weight`` is left out (of its own column and of ``all=``): the
+    stored weights are rounded after the optimizer step, so no replay of one step can see them; their
+    cells get no prediction.
 
     Example:
-        >>> cfg = whatif_config([parse_column("E3M4")], ["weight", "all"], ["weight", "activation"], 100)
+        >>> cfg = whatif_config([parse_column("E3M4")], ["weight", "stored_weight", "all"],
+        ...                     ["weight", "activation", "stored_weight"], 100)
         >>> cfg["grad_swap_roles"], [r["name"] for r in cfg["grad_recipes"]], cfg["alternatives"][0]["scaling"]
         (['weight'], ['all=E3M4'], 'current')
+        >>> sorted(cfg["grad_recipes"][0])
+        ['activation', 'name', 'weight']
     """
     alternatives = []
     for col in columns:
@@ -835,11 +841,12 @@ def whatif_config(columns: list[Column], roles: list[str], layer_roles: Sequence
             spec = {k: v for k, v in spec.items() if k not in ("amax_history_len", "amax_algo")}
             spec["scaling"] = "current"
         alternatives.append({"name": col.name, **spec})
+    replayable = [r for r in layer_roles if r != UNREPLAYABLE_ROLE]
     cfg: dict[str, Any] = {"alternatives": alternatives, "grad_every": every,
-                           "grad_swap_roles": [r for r in roles if r != ALL_ROLES]}
+                           "grad_swap_roles": [r for r in roles if r not in (ALL_ROLES, UNREPLAYABLE_ROLE)]}
     if ALL_ROLES in roles:
         cfg["grad_recipes"] = [{"name": f"{ALL_ROLES}={a['name']}", **{r: {k: v for k, v in a.items() if k != "name"}
-                                                                       for r in layer_roles}} for a in alternatives]
+                                                                       for r in replayable}} for a in alternatives]
     return cfg
 
 
@@ -887,16 +894,17 @@ def whatif_report(run_dir: Path, columns, roles, grid, out: Path) -> str:
         raise ValueError(f"--whatif {run_dir}: no whatif_grad/<role>=<format>/grad_cos_sim/mean metrics for this map's cells")
     # Lower cosine similarity should mean a worse outcome: rank 1 - cos against the outcome.
     rho = rank_correlation([1 - p[2] for p in points], [p[3] for p in points])
-    sub = [p for p in points if p[1] != "stored_weight"]
-    rho_sub = rank_correlation([1 - p[2] for p in sub], [p[3] for p in sub]) if sub else float("nan")
+    single = [p for p in points if p[1] != ALL_ROLES]
+    rho_single = rank_correlation([1 - p[2] for p in single], [p[3] for p in single]) if len(single) > 1 else float("nan")
     _plot_prediction(points, rho, out / "whatif_vs_map.png")
     lines = [
         "## Does the cheap what-if predict the map?",
         "",
         f"What-if gradient cosine similarity of each cell's recipe, replayed on the steps of one baseline run "
         f"(`{run_dir}`), against the cell's outcome (val loss / baseline; diverged cells rank worst): "
-        f"Spearman rho = {rho:.3f} over {len(points)} cells; {rho_sub:.3f} without the stored_weight column "
-        "(rounding stored weights happens after the step, so a one-step replay cannot see it: its cosine is 1).",
+        f"Spearman rho = {rho:.3f} over {len(points)} cells; {rho_single:.3f} over the {len(single)} single-role cells. "
+        f"No prediction for the {UNREPLAYABLE_ROLE} column, and `all` is replayed without it: stored weights are "
+        "rounded after the optimizer step, so a one-step replay cannot see them.",
         "",
         "| format | " + " | ".join(roles) + " |",
         "|---|" + "---|" * len(roles),

@@ -140,6 +140,20 @@ def test_cell_recipes_put_one_role_or_all_in_the_format():
     assert sweep.Cell(None, sweep.BASELINE, 1).recipe(roles) == {"name": "baseline"}
 
 
+def test_probe_config_for_the_default_grid_is_accepted_by_whatif():
+    # The shipped map's grid (every default role and format): the probe's what-if config must validate,
+    # with stored_weight left out of the replays (a one-step replay cannot see stored weights).
+    from altgrad.training.recipe import LAYER_ROLES, get_recipe
+    from altgrad.training.whatif import WhatIfConfig
+
+    columns = [sweep.parse_column(c) for c in sweep.DEFAULT_FORMATS]
+    roles = sweep.parse_roles("weight,activation,grad_output,weight_grad,stored_weight,all")
+    cfg = WhatIfConfig.from_dict(sweep.whatif_config(columns, roles, LAYER_ROLES, 100))
+    assert cfg.grad_swap_roles == ("weight", "activation", "grad_output", "weight_grad")
+    recipes = cfg.grad_recipes_for(get_recipe("fp32"))
+    assert len(recipes) == 5 * len(columns) and all(r.stored_weight is None for r in recipes)
+
+
 def test_docstring_examples():
     import doctest
 
