@@ -187,3 +187,27 @@ def test_trainer_torch_compile_matches_eager(tmp_path):
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert len(losses[1]) == 4
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+
+
+def test_quantize_api_traces_without_graph_break_and_rounds_bitwise_eager():
+    # Called directly inside a user's compiled function (not through QuantLinear), the kernel is traced
+    # into the graph: format parameters are built on the host without a tensor read.
+    from altgrad.quantization import fake_quantize, quantize
+    from altgrad.quantization.quantize import quantize_with_sums
+
+    def f(x):
+        a = fake_quantize(x, "e4m3", scale=torch.tensor(2.0))
+        b = quantize(x, "e5m2", rounding="stochastic")
+        c, sums = quantize_with_sums(x, "e3m4", torch.full((64, 1), 0.5))
+        return a, b, c, sums
+
+    x = torch.randn(64, 64) * 10
+    counters.clear()
+    torch.manual_seed(0)
+    eager = f(x)
+    torch.manual_seed(0)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
+    assert sum(counters["graph_break"].values()) == 0
+    for a, b in zip(eager[:3], compiled[:3]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(compiled[3], eager[3], rtol=1e-12, atol=0)  # float64 sums: summation order
