@@ -182,7 +182,10 @@ def test_trainer_torch_compile_matches_eager(tmp_path):
         )
         trainer = AltGradTrainer(tiny_gpt(), args, recipe="fp8_hybrid", train_dataset=_Windows())
         trainer.train()
-        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        losses.append([h["loss"] for h in logs])
+    # Every step is a logging step with the FP32 shadow on (the Trainer's default shadow_every=1).
+    assert all("grad_cos_sim/mean" in h and "quantization/overflow_rate" in h for h in logs)
     assert hasattr(trainer.model_wrapped, "_orig_mod"), "the Trainer compiled the model"
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert len(losses[1]) == 4
@@ -211,3 +214,12 @@ def test_quantize_api_traces_without_graph_break_and_rounds_bitwise_eager():
     for a, b in zip(eager[:3], compiled[:3]):
         assert torch.equal(a, b)
     torch.testing.assert_close(compiled[3], eager[3], rtol=1e-12, atol=0)  # float64 sums: summation order
+
+
+def test_experiment_yaml_key_turns_on_trainer_compilation():
+    from altgrad.config import load_config
+
+    args = load_config(
+        None, ["training.torch_compile=true", "training.torch_compile_backend=aot_eager", "training.use_cpu=true"]
+    ).training_arguments()
+    assert args.torch_compile and args.torch_compile_backend == "aot_eager"
