@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import struct
 import threading
 import types
 
@@ -63,7 +64,13 @@ _INT32_MIN = -(2**31)
 
 
 def _f32_bits(value: float) -> int:
-    return int(torch.tensor(value, dtype=torch.float32).view(torch.int32).item())
+    # Host arithmetic (struct rounds to nearest float32 like a tensor cast would), not a tensor's
+    # `.item()`: format parameters are built while torch.compile traces a model, where a host read is a
+    # graph break.
+    try:
+        return struct.unpack("<i", struct.pack("<f", value))[0]
+    except OverflowError:  # beyond float32's range: the cast gives inf
+        return _F32_INF_BITS if value > 0 else _F32_INF_BITS | _INT32_MIN
 
 
 def format_params(fmt: FloatFormat) -> list[int]:

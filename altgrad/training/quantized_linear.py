@@ -47,6 +47,7 @@ from altgrad.quantization import (
     quantize_with_amax,
 )
 from altgrad.quantization.quantize import quantize_with_sums, stats_from_sums
+from altgrad.training import compiled_linear
 from altgrad.training.native_fp8 import NativeFP8LinearFunction, NativeFP8Plan
 from altgrad.training.recipe import (
     LAYER_ROLES,
@@ -433,7 +434,14 @@ class QuantLinear(nn.Linear):
         new.native = recipe.backend is Backend.NATIVE_FP8 and new.native_plan.reason is None
         if recipe.backend is Backend.NATIVE_FP8 and not new.native:
             new._note(f"{name} runs simulated: {new.native_plan.reason}")
+        new._op_key = compiled_linear.register_layer(new)  # how the compiled graph's op finds this layer
         return new
+
+    def __setstate__(self, state: dict) -> None:
+        # A deepcopy or an unpickled layer has quantizers of its own: it must not answer to the
+        # original's key in the compiled ops' registry.
+        super().__setstate__(state)
+        self._op_key = compiled_linear.register_layer(self)
 
     def _operands(self) -> tuple[TensorQuantizer | None, TensorQuantizer | None, TensorQuantizer | None]:
         # The autograd functions' quantizer arguments, in their order (None: that operand stays as is).
@@ -456,6 +464,9 @@ class QuantLinear(nn.Linear):
         return reason if reason is not None else self.native_plan.input_reason(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # Inside torch.compile: one opaque op pair running the code below (see compiled_linear).
+            return compiled_linear.compiled_forward(self, x)
         if self.native:
             reason = self._native_reason(x)
             if reason is None:
@@ -591,6 +602,8 @@ class ModelQuantizer:
         """Announce a new optimizer step to every quantizer (delayed scales roll forward once per step)."""
         for q in self.all_quantizers().values():
             q.begin_step()
+        for _, layer in self.layers:
+            compiled_linear.discard_pending(layer)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

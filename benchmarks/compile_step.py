@@ -1,0 +1,121 @@
+"""Step time of `fp8_hybrid` against float32, both eager and under `torch.compile(model)`, in one run.
+
+    python benchmarks/compile_step.py [--device cpu|cuda] [--n-layer 4 --n-embd 128 --n-head 4 --block 64
+        --batch 12] [--steps 30] [--backend inductor] [--autocast bf16|none]
+
+Prints four AdamW steps (forward, backward, optimizer; the optimizer stays eager in every case) and the
+two ratios the issue sets goals for: compiled `fp8_hybrid` / compiled float32 (goal <= 1.25x) and eager
+`fp8_hybrid` / eager float32 (goal <= 1.5x). Also torchao's `convert_to_float8_training` (emulated,
+tensorwise E4M3/E5M2 dynamic scaling) on the same model, compiled, when torchao imports; otherwise it
+prints why not. min and median over --steps timed steps after 3 warm-up steps (compilation happens in
+the warm-up). On a GPU, width >= 2048: `--device cuda --n-layer 4 --n-embd 2048 --n-head 16 --block 1024
+--batch 8` (bf16 autocast by default there, so the float baseline is the bf16 step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from altgrad.modeling import GPT, GPTConfig
+from altgrad.training import quantize_model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--batch", type=int, default=12)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--backend", default="inductor", help="torch.compile backend")
+    p.add_argument("--autocast", choices=["bf16", "none"], default=None)
+    p.add_argument("--skip-torchao", action="store_true")
+    args = p.parse_args()
+    dev = torch.device(args.device)
+    use_autocast = (args.autocast or ("bf16" if dev.type == "cuda" else "none")) == "bf16"
+    cfg = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block, vocab_size=65)
+    ids = torch.randint(0, 65, (args.batch, args.block), device=dev)
+
+    def make(recipe=None, compiled=False, torchao=False):
+        torch.manual_seed(0)
+        model = GPT(cfg).to(dev)
+        quantizer = quantize_model(model, recipe) if recipe else None
+        if torchao:
+            from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+            # The same layers altgrad quantizes (the blocks' Linears; not the tied lm_head).
+            convert_to_float8_training(
+                model, config=Float8LinearConfig(emulate=True), module_filter_fn=lambda m, name: ".h." in f".{name}"
+            )
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        run = torch.compile(model, backend=args.backend) if compiled else model
+
+        def step():
+            if quantizer is not None:
+                quantizer.begin_step()
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
+                loss = run(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return step
+
+    def timed(step) -> tuple[float, float]:
+        for _ in range(3):
+            step()
+        times = []
+        for _ in range(args.steps):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return min(times), statistics.median(times)
+
+    base = "bf16 autocast" if use_autocast else "float32"
+    results = {
+        f"eager {base}": timed(make()),
+        "eager fp8_hybrid": timed(make("fp8_hybrid")),
+        f"compiled {base}": timed(make(compiled=True)),
+        "compiled fp8_hybrid": timed(make("fp8_hybrid", compiled=True)),
+    }
+    torchao_note = "skipped (--skip-torchao)"
+    if not args.skip_torchao:
+        try:
+            import torchao
+
+            results[f"compiled torchao float8 (emulate, {torchao.__version__})"] = timed(make(compiled=True, torchao=True))
+            torchao_note = ""
+        except Exception as exc:  # not installed, or not working on this device/torch: say which
+            torchao_note = f"torchao unavailable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+    print(
+        f"device={dev} model={args.n_layer}x{args.n_embd} block={args.block} batch={args.batch} "
+        f"autocast={'bf16' if use_autocast else 'none'} backend={args.backend} steps={args.steps} "
+        f"torch={torch.__version__} threads={torch.get_num_threads()}"
+    )
+    compiled_base = results[f"compiled {base}"]
+    for name, (tmin, tmed) in results.items():
+        print(f"{name:48s} min {tmin * 1e3:8.2f} ms  median {tmed * 1e3:8.2f} ms  {tmed / compiled_base[1]:5.2f}x compiled {base} (median)")
+    for label, num, den, goal in (
+        ("compiled fp8_hybrid / compiled " + base, "compiled fp8_hybrid", f"compiled {base}", 1.25),
+        ("eager fp8_hybrid / eager " + base, "eager fp8_hybrid", f"eager {base}", 1.5),
+    ):
+        r_min = results[num][0] / results[den][0]
+        r_med = results[num][1] / results[den][1]
+        print(f"{label:48s} {r_min:5.2f}x (min)  {r_med:5.2f}x (median)   goal <= {goal}x")
+    if torchao_note:
+        print(torchao_note)
+
+
+if __name__ == "__main__":
+    main()

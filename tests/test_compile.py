@@ -1,0 +1,229 @@
+"""Quantized training under ``torch.compile(model)``: no graph break inside the quantized layers, no
+recompilation from step to step (statistics switched on and off included), and the same numbers as
+the eager model. The ``aot_eager`` backend keeps these tests cheap: it traces exactly what inductor
+would be given (dynamo + AOT autograd), without generating C++."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+from torch._dynamo.utils import counters
+
+from altgrad.modeling import GPT, GPTConfig
+from altgrad.quantization import kernels
+from altgrad.training import AltGradTrainer, QuantRecipe, quantize_model
+from altgrad.training.native_fp8 import CPU_ENV
+
+VOCAB = 65
+
+RECIPES = {
+    "fp8_hybrid": "fp8_hybrid",  # delayed scaling, per tensor
+    "mxfp8": "mxfp8",  # current scaling, 1x32 blocks with E8M0 scales
+    "row_stochastic": {
+        "weight": {"format": "E4M3", "scaling": "current", "granularity": "row"},
+        "activation": {"format": "E4M3", "scaling": "current", "granularity": "row"},
+        "grad_output": {"format": "E5M2", "scaling": "delayed", "rounding": "stochastic"},
+    },
+    "stored_stochastic": {"preset": "e5m2", "stored_weight": {"format": "E5M2", "rounding": "stochastic"}},
+}
+
+
+def tiny_gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=VOCAB, dropout=0.0))
+
+
+def _ids(seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def _train(recipe, compiled: bool, steps: int = 6, logged=(1, 4)):
+    """Train ``steps`` AdamW steps as the trainer drives them; returns (losses, per-step statistics, and
+    the number of compiled graphs of the model's forward after each step)."""
+    model = tiny_gpt()
+    quantizer = quantize_model(model, QuantRecipe.from_dict(recipe))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    quantizer.attach_optimizer(opt)
+    run = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+    torch.manual_seed(123)  # the stochastic-rounding stream starts at the same point in both runs
+    losses, stats, graphs = [], [], []
+    for step in range(steps):
+        quantizer.begin_step()
+        quantizer.set_collect_stats(step in logged)
+        loss = run(input_ids=_ids(step), labels=_ids(step)).loss
+        loss.backward()
+        quantizer.quantize_weight_grads()
+        quantizer.snapshot_weights()
+        opt.step()
+        quantizer.after_optimizer_step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        popped = quantizer.pop_stats()
+        stats.append({k: v.item() for k, v in popped.items()})
+        graphs.append(len(_debug_get_cache_entry_list(type(model).forward.__code__)))
+    return losses, stats, graphs
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_compiled_training_has_no_graph_break_no_recompile_and_eager_numbers(name):
+    recipe = RECIPES[name]
+    eager_losses, eager_stats, _ = _train(recipe, compiled=False)
+    torch._dynamo.reset()
+    counters.clear()
+    losses, stats, graphs = _train(recipe, compiled=True)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    # One graph of the model for all six steps: logging steps (1, 4), scales rolling, statistics switched
+    # on and off. (The rounding kernels the ops run are compiled per variant on their own, as in eager.)
+    assert graphs == [1] * 6, graphs
+    assert kernels.compile_enabled("cpu"), "the rounding kernels fell back to eager (a compile failed)"
+    torch.testing.assert_close(losses, eager_losses, rtol=1e-6, atol=0)
+    assert stats[1] and stats[4] and not stats[2], "statistics are collected on the logging steps only"
+    assert stats[1].keys() == eager_stats[1].keys()
+    for key, value in eager_stats[4].items():
+        assert stats[4][key] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), key
+
+
+def _layer_step(run, net, x, grad):
+    y = run(x)
+    y.backward(grad)
+    return y.detach(), x.grad.detach().clone(), net[0].weight.grad.detach().clone()
+
+
+def _one_layer_case(recipe, seed=0):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    quantizer = quantize_model(net, QuantRecipe.from_dict(recipe), modules=["*"])
+    x = torch.randn(3, 8, 64, requires_grad=True)
+    grad = torch.randn(3, 8, 32) * 1e-3
+    return net, quantizer, x, grad
+
+
+@pytest.mark.parametrize("name", ["fp8_hybrid", "row_stochastic"])
+def test_compiled_quantized_layer_is_bitwise_eager(name):
+    results = []
+    for compiled in (False, True):
+        net, quantizer, x, grad = _one_layer_case(RECIPES[name])
+        quantizer.set_collect_stats(True)
+        run = torch.compile(net, backend="aot_eager", fullgraph=True) if compiled else net
+        torch.manual_seed(7)
+        outs = _layer_step(run, net, x, grad)
+        results.append((outs, {k: v.item() for k, v in quantizer.pop_stats().items()}))
+    (eager, eager_stats), (comp, comp_stats) = results
+    for a, b in zip(eager, comp):
+        assert torch.equal(a, b)
+    assert eager_stats == comp_stats
+
+
+def test_compiled_layer_under_autocast_matches_eager():
+    outs = []
+    for compiled in (False, True):
+        net, _, x, grad = _one_layer_case("fp8_hybrid")
+        run = torch.compile(net, backend="aot_eager", fullgraph=True) if compiled else net
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = run(x)
+        y.backward(grad.to(y.dtype))
+        outs.append((y.dtype, y.detach(), x.grad, net[0].weight.grad))
+    assert outs[0][0] == outs[1][0] == torch.bfloat16
+    for a, b in zip(outs[0][1:], outs[1][1:]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_deepcopied_layer_keeps_its_own_quantizers_under_compile():
+    net, quantizer, x, grad = _one_layer_case("fp8_hybrid")
+    twin = copy.deepcopy(net)
+    assert twin[0]._op_key != net[0]._op_key and twin[0].quantizers["weight"] is not net[0].quantizers["weight"]
+    quantizer.set_collect_stats(True)
+    torch.compile(twin, backend="aot_eager", fullgraph=True)(x).sum().backward()
+    assert quantizer.pop_stats() == {}  # the copy's calls recorded nothing in the original's quantizers
+
+
+def test_native_fp8_layer_compiles_on_cpu_validation_path(monkeypatch):
+    # The CPU `_scaled_mm` path exists to validate the native backend; under compile it runs the same code.
+    monkeypatch.setenv(CPU_ENV, "1")
+    recipe = {"preset": "fp8_hybrid", "backend": "native_fp8"}
+    outs = []
+    for compiled in (False, True):
+        net, _, x, grad = _one_layer_case(recipe)
+        assert net[0].native
+        run = torch.compile(net, backend="aot_eager", fullgraph=True) if compiled else net
+        outs.append(_layer_step(run, net, x, grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="native FP8 GEMMs need a CUDA GPU (sm_89+)")
+def test_native_fp8_layer_compiles_on_cuda():
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("this GPU has no FP8 tensor cores")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(256, 128)).cuda()
+    quantize_model(net, {"preset": "fp8_hybrid", "backend": "native_fp8"}, modules=["*"])
+    x = torch.randn(64, 256, device="cuda", requires_grad=True)
+    counters.clear()
+    y = torch.compile(net, fullgraph=True)(x)
+    y.float().sum().backward()
+    assert torch.isfinite(y).all() and x.grad is not None and net[0].weight.grad is not None
+    assert sum(counters["graph_break"].values()) == 0
+
+
+def test_trainer_torch_compile_matches_eager(tmp_path):
+    from transformers import TrainingArguments
+
+    from test_trainer import _Windows
+
+    # What `training.torch_compile: true` (and `torch_compile_backend`) in an experiment YAML turns on.
+    losses = []
+    for compiled in (False, True):
+        counters.clear()
+        args = TrainingArguments(
+            str(tmp_path / f"c{compiled}"), max_steps=4, per_device_train_batch_size=4, logging_steps=1,
+            learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=3,
+            torch_compile=compiled, torch_compile_backend="aot_eager" if compiled else None,
+        )
+        trainer = AltGradTrainer(tiny_gpt(), args, recipe="fp8_hybrid", train_dataset=_Windows())
+        trainer.train()
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        losses.append([h["loss"] for h in logs])
+    # Every step is a logging step with the FP32 shadow on (the Trainer's default shadow_every=1).
+    assert all("grad_cos_sim/mean" in h and "quantization/overflow_rate" in h for h in logs)
+    assert hasattr(trainer.model_wrapped, "_orig_mod"), "the Trainer compiled the model"
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert len(losses[1]) == 4
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+
+
+def test_quantize_api_traces_without_graph_break_and_rounds_bitwise_eager():
+    # Called directly inside a user's compiled function (not through QuantLinear), the kernel is traced
+    # into the graph: format parameters are built on the host without a tensor read.
+    from altgrad.quantization import fake_quantize, quantize
+    from altgrad.quantization.quantize import quantize_with_sums
+
+    def f(x):
+        a = fake_quantize(x, "e4m3", scale=torch.tensor(2.0))
+        b = quantize(x, "e5m2", rounding="stochastic")
+        c, sums = quantize_with_sums(x, "e3m4", torch.full((64, 1), 0.5))
+        return a, b, c, sums
+
+    x = torch.randn(64, 64) * 10
+    counters.clear()
+    torch.manual_seed(0)
+    eager = f(x)
+    torch.manual_seed(0)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
+    assert sum(counters["graph_break"].values()) == 0
+    for a, b in zip(eager[:3], compiled[:3]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(compiled[3], eager[3], rtol=1e-12, atol=0)  # float64 sums: summation order
+
+
+def test_experiment_yaml_key_turns_on_trainer_compilation():
+    from altgrad.config import load_config
+
+    args = load_config(
+        None, ["training.torch_compile=true", "training.torch_compile_backend=aot_eager", "training.use_cpu=true"]
+    ).training_arguments()
+    assert args.torch_compile and args.torch_compile_backend == "aot_eager"
