@@ -933,10 +933,10 @@ def _plot_prediction(points, rho: float, path: Path) -> None:
         markers = ["x" if not math.isfinite(p[3]) else "o" for p in mine]
         for x, y, m in zip(xs, ys, markers):
             ax.scatter([x], [y], marker=m, color=f"C{i}", label=role if (x, y) == (xs[0], ys[0]) else None)
-    ax.axhline(top, color="gray", linestyle=":", linewidth=1)
-    ax.text(ax.get_xlim()[0] if ax.get_xlim()[0] > 0 else 1e-6, top, " diverged", va="bottom", fontsize=8, color="gray")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    if len(finite) < len(points):  # diverged cells sit on a line above the rest
+        ax.axhline(top, color="gray", linestyle=":", linewidth=1)
+        ax.annotate("diverged", (0.01, top), xycoords=("axes fraction", "data"), va="bottom", fontsize=8, color="gray")
+    ax.set_xscale("log")  # ratios stay on a linear axis: they sit near 1
     ax.set_xlabel("1 - what-if gradient cosine similarity (one baseline run)")
     ax.set_ylabel("val loss / baseline in the map")
     ax.set_title(f"what-if vs trainability map: Spearman rho = {rho:.3f} (n = {len(points)})", fontsize=10)
