@@ -14,24 +14,18 @@ the warm-up). On a GPU, width >= 2048: `--device cuda --n-layer 4 --n-embd 2048 
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
 
 import torch
+
+from common import model_parser, step_times
 
 from altgrad.modeling import GPT, GPTConfig
 from altgrad.training import quantize_model
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--block", type=int, default=64)
-    p.add_argument("--batch", type=int, default=12)
+    p = model_parser(__doc__)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--backend", default="inductor", help="torch.compile backend")
     p.add_argument("--autocast", choices=["bf16", "none"], default=None)
@@ -68,17 +62,7 @@ def main() -> None:
         return step
 
     def timed(step) -> tuple[float, float]:
-        for _ in range(3):
-            step()
-        times = []
-        for _ in range(args.steps):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            step()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+        times = step_times(step, args.steps, dev)
         return min(times), statistics.median(times)
 
     base = "bf16 autocast" if use_autocast else "float32"

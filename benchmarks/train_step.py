@@ -15,24 +15,18 @@ CUDA every case runs under bf16 autocast by default, so the ratios answer the GP
 
 from __future__ import annotations
 
-import argparse
-import time
 
 import numpy as np
 import torch
+
+from common import model_parser, step_times
 
 from altgrad.modeling import GPT, GPTConfig
 from altgrad.training import FP32ShadowModel, quantize_model
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--block", type=int, default=64)
-    p.add_argument("--batch", type=int, default=12)
+    p = model_parser(__doc__)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument(
         "--autocast", choices=["bf16", "none"], default=None,
@@ -55,18 +49,7 @@ def main() -> None:
         return model, opt
 
     def timed(step_fn) -> float:
-        for _ in range(3):
-            step_fn()
-        times = []
-        for _ in range(args.steps):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            step_fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
+        return float(np.median(step_times(step_fn, args.steps, dev)))
 
     def train_step(model, opt, shadow=None, logged=False):
         def fn():

@@ -16,11 +16,12 @@ The cases are interleaved round by round so that machine noise hits them alike; 
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 import torch
+
+from common import model_parser
 
 from altgrad.modeling import GPT, GPTConfig
 from altgrad.training import QuantSession
@@ -34,13 +35,7 @@ EIGHT = [
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--block", type=int, default=64)
-    p.add_argument("--batch", type=int, default=12)
+    p = model_parser(__doc__)
     p.add_argument("--rounds", type=int, default=15)
     args = p.parse_args()
     dev = torch.device(args.device)
