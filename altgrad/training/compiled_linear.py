@@ -86,19 +86,6 @@ class _Ctx:
         self.saved_tensors = tensors
 
 
-def _function(layer, x: torch.Tensor):
-    """The eager autograd function this call of ``layer`` runs (native FP8 where it can, as in eager)."""
-    from altgrad.training.native_fp8 import NativeFP8LinearFunction
-    from altgrad.training.quantized_linear import _QuantizedLinearFunction
-
-    if layer.native:
-        reason = layer._native_reason(x)
-        if reason is None:
-            return NativeFP8LinearFunction
-        layer._note(f"{layer.layer_name} runs simulated: {reason}")
-    return _QuantizedLinearFunction
-
-
 def _autocast(device_type: str, gemm_dtype: Optional[torch.dtype]):
     # The autocast state the compiler saw at this call, re-established for the eager code (which reads
     # it to pick its GEMM dtype); at run time the op may be called with autocast on or off.
@@ -117,7 +104,7 @@ def _forward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     layer = _layer(layer_key)
     ctx = _Ctx()
-    ctx.function = _function(layer, x)
+    ctx.function = layer.autograd_function(x)
     with torch.no_grad(), _autocast(x.device.type, gemm_dtype):
         y = ctx.function.forward(ctx, x, weight, bias, *layer._operands(), training)
     ticket = next(_TICKETS) if save else 0

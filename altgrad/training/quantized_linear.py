@@ -467,12 +467,16 @@ class QuantLinear(nn.Linear):
         if torch.compiler.is_compiling():
             # Inside torch.compile: one opaque op pair running the code below (see compiled_linear).
             return compiled_linear.compiled_forward(self, x)
+        return self.autograd_function(x).apply(x, self.weight, self.bias, *self._operands(), self.training)
+
+    def autograd_function(self, x: torch.Tensor) -> type[torch.autograd.Function]:
+        """The function this call runs: native FP8 where the layer and ``x`` allow it, else the simulation."""
         if self.native:
             reason = self._native_reason(x)
             if reason is None:
-                return NativeFP8LinearFunction.apply(x, self.weight, self.bias, *self._operands(), self.training)
+                return NativeFP8LinearFunction
             self._note(f"{self.layer_name} runs simulated: {reason}")  # one note per layer and reason
-        return _QuantizedLinearFunction.apply(x, self.weight, self.bias, *self._operands(), self.training)
+        return _QuantizedLinearFunction
 
     def to_linear(self) -> nn.Linear:
         plain = nn.Linear.__new__(nn.Linear)
