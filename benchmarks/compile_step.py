@@ -3,18 +3,21 @@
     python benchmarks/compile_step.py [--device cpu|cuda] [--n-layer 4 --n-embd 128 --n-head 4 --block 64
         --batch 12] [--steps 30] [--backend inductor] [--autocast bf16|none]
 
-Prints four AdamW steps (forward, backward, optimizer; the optimizer stays eager in every case) and the
+Prints AdamW steps (forward, backward, optimizer; the optimizer stays eager in every case) and the
 two ratios the issue sets goals for: compiled `fp8_hybrid` / compiled float32 (goal <= 1.25x) and eager
 `fp8_hybrid` / eager float32 (goal <= 1.5x). Also torchao's `convert_to_float8_training` (emulated,
 tensorwise E4M3/E5M2 dynamic scaling) on the same model, compiled, when torchao imports; otherwise it
 prints why not. min and median over --steps timed steps after 3 warm-up steps (compilation happens in
-the warm-up). On a GPU, width >= 2048: `--device cuda --n-layer 4 --n-embd 2048 --n-head 16 --block 1024
+the warm-up, whose wall time is printed too). The timed fp8_hybrid steps are ordinary steps, which run
+the quantized layers as traced graph code; "logging step" times steps with statistics on, which run
+them as opaque ops (see altgrad.training.traced_linear). On a GPU, width >= 2048: `--device cuda --n-layer 4 --n-embd 2048 --n-head 16 --block 1024
 --batch 8` (bf16 autocast by default there, so the float baseline is the bf16 step).
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 
@@ -36,7 +39,7 @@ def main() -> None:
     cfg = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block, vocab_size=65)
     ids = torch.randint(0, 65, (args.batch, args.block), device=dev)
 
-    def make(recipe=None, compiled=False, torchao=False):
+    def make(recipe=None, compiled=False, torchao=False, logging=False):
         torch.manual_seed(0)
         model = GPT(cfg).to(dev)
         quantizer = quantize_model(model, recipe) if recipe else None
@@ -53,31 +56,45 @@ def main() -> None:
         def step():
             if quantizer is not None:
                 quantizer.begin_step()
+                quantizer.set_collect_stats(logging)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_autocast):
                 loss = run(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if logging:
+                quantizer.pop_stats()
 
         return step
 
-    def timed(step) -> tuple[float, float]:
-        times = step_times(step, args.steps, dev)
+    warmups = {}
+
+    def timed(step, name) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        for _ in range(3):  # compilation happens here (a delayed recipe's traced graph at the second step)
+            step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        warmups[name] = time.perf_counter() - t0
+        times = step_times(step, args.steps, dev, warmup=0)
         return min(times), statistics.median(times)
 
     base = "bf16 autocast" if use_autocast else "float32"
-    results = {
-        f"eager {base}": timed(make()),
-        "eager fp8_hybrid": timed(make("fp8_hybrid")),
-        f"compiled {base}": timed(make(compiled=True)),
-        "compiled fp8_hybrid": timed(make("fp8_hybrid", compiled=True)),
+    runs = {
+        f"eager {base}": lambda: make(),
+        "eager fp8_hybrid": lambda: make("fp8_hybrid"),
+        f"compiled {base}": lambda: make(compiled=True),
+        "compiled fp8_hybrid": lambda: make("fp8_hybrid", compiled=True),
+        "compiled fp8_hybrid, logging step": lambda: make("fp8_hybrid", compiled=True, logging=True),
     }
+    results = {name: timed(build(), name) for name, build in runs.items()}
     torchao_note = "skipped (--skip-torchao)"
     if not args.skip_torchao:
         try:
             import torchao
 
-            results[f"compiled torchao float8 (emulate, {torchao.__version__})"] = timed(make(compiled=True, torchao=True))
+            name = f"compiled torchao float8 (emulate, {torchao.__version__})"
+            results[name] = timed(make(compiled=True, torchao=True), name)
             torchao_note = ""
         except Exception as exc:  # not installed, or not working on this device/torch: say which
             torchao_note = f"torchao unavailable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -89,7 +106,10 @@ def main() -> None:
     )
     compiled_base = results[f"compiled {base}"]
     for name, (tmin, tmed) in results.items():
-        print(f"{name:48s} min {tmin * 1e3:8.2f} ms  median {tmed * 1e3:8.2f} ms  {tmed / compiled_base[1]:5.2f}x compiled {base} (median)")
+        print(
+            f"{name:48s} min {tmin * 1e3:8.2f} ms  median {tmed * 1e3:8.2f} ms  "
+            f"{tmed / compiled_base[1]:5.2f}x compiled {base} (median)  first 3 steps {warmups[name]:6.1f} s"
+        )
     for label, num, den, goal in (
         ("compiled fp8_hybrid / compiled " + base, "compiled fp8_hybrid", f"compiled {base}", 1.25),
         ("eager fp8_hybrid / eager " + base, "eager fp8_hybrid", f"eager {base}", 1.5),

@@ -23,6 +23,11 @@ VOCAB = 65
 RECIPES = {
     "fp8_hybrid": "fp8_hybrid",  # delayed scaling, per tensor
     "mxfp8": "mxfp8",  # current scaling, 1x32 blocks with E8M0 scales
+    "rows_toward_zero": {
+        "weight": {"format": "E3M4", "scaling": "current", "granularity": "row", "rounding": "zero"},
+        "activation": {"format": "E4M3", "scaling": "none"},
+        "grad_output": {"format": "E5M2", "scaling": "current", "granularity": "row"},
+    },
     "row_stochastic": {
         "weight": {"format": "E4M3", "scaling": "current", "granularity": "row"},
         "activation": {"format": "E4M3", "scaling": "current", "granularity": "row"},
@@ -42,18 +47,20 @@ def _ids(seed: int) -> torch.Tensor:
 
 
 def _train(recipe, compiled: bool, steps: int = 6, logged=(1, 4)):
-    """Train ``steps`` AdamW steps as the trainer drives them; returns (losses, per-step statistics, and
-    the number of compiled graphs of the model's forward after each step)."""
+    """Train ``steps`` AdamW steps as the trainer drives them; returns (losses, per-step statistics, the
+    number of compiled graphs of the model's forward after each step, and whether each ordinary step ran
+    its quantized layers as traced graph code)."""
     model = tiny_gpt()
     quantizer = quantize_model(model, QuantRecipe.from_dict(recipe))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     quantizer.attach_optimizer(opt)
     run = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
     torch.manual_seed(123)  # the stochastic-rounding stream starts at the same point in both runs
-    losses, stats, graphs = [], [], []
+    losses, stats, graphs, traced = [], [], [], []
     for step in range(steps):
         quantizer.begin_step()
         quantizer.set_collect_stats(step in logged)
+        traced.append(all(layer.traced for _, layer in quantizer.layers))
         loss = run(input_ids=_ids(step), labels=_ids(step)).loss
         loss.backward()
         quantizer.quantize_weight_grads()
@@ -65,20 +72,25 @@ def _train(recipe, compiled: bool, steps: int = 6, logged=(1, 4)):
         popped = quantizer.pop_stats()
         stats.append({k: v.item() for k, v in popped.items()})
         graphs.append(len(_debug_get_cache_entry_list(type(model).forward.__code__)))
-    return losses, stats, graphs
+    return losses, stats, graphs, traced
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_compiled_training_has_no_graph_break_no_recompile_and_eager_numbers(name):
     recipe = RECIPES[name]
-    eager_losses, eager_stats, _ = _train(recipe, compiled=False)
+    eager_losses, eager_stats, _, _ = _train(recipe, compiled=False)
     torch._dynamo.reset()
     counters.clear()
-    losses, stats, graphs = _train(recipe, compiled=True)
+    losses, stats, graphs, traced = _train(recipe, compiled=True)
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
-    # One graph of the model for all six steps: logging steps (1, 4), scales rolling, statistics switched
-    # on and off. (The rounding kernels the ops run are compiled per variant on their own, as in eager.)
-    assert graphs == [1] * 6, graphs
+    # At most two graphs of the model for all six steps, whatever switches (logging steps 1 and 4,
+    # scales rolling): the opaque-op graph (logging steps, stochastic rounding, a delayed recipe's
+    # first step) and the traced one (every other step). (The rounding kernels the opaque ops run are
+    # compiled per variant on their own, as in eager.)
+    expect_traced = name != "row_stochastic"
+    first_traced = 2 if name in ("fp8_hybrid", "stored_stochastic") else 0  # delayed: once a history exists
+    assert traced == [expect_traced and step not in (1, 4) and step >= first_traced for step in range(6)], traced
+    assert graphs == ([1, 2, 2, 2, 2, 2] if first_traced == 0 else [1, 1, 2, 2, 2, 2]) if expect_traced else [1] * 6, graphs
     assert kernels.compile_enabled("cpu"), "the rounding kernels fell back to eager (a compile failed)"
     torch.testing.assert_close(losses, eager_losses, rtol=1e-6, atol=0)
     assert stats[1] and stats[4] and not stats[2], "statistics are collected on the logging steps only"
@@ -170,17 +182,22 @@ def test_native_fp8_layer_compiles_on_cuda():
     assert sum(counters["graph_break"].values()) == 0
 
 
-def test_trainer_torch_compile_matches_eager(tmp_path):
+@pytest.mark.parametrize("logging_steps", [1, 2])
+def test_trainer_torch_compile_matches_eager(tmp_path, monkeypatch, logging_steps):
     from transformers import TrainingArguments
 
+    from altgrad.training import traced_linear
     from test_trainer import _Windows
 
+    traces = []
+    traced_forward = traced_linear.traced_forward
+    monkeypatch.setattr(traced_linear, "traced_forward", lambda *a: traces.append(1) or traced_forward(*a))
     # What `training.torch_compile: true` (and `torch_compile_backend`) in an experiment YAML turns on.
     losses = []
     for compiled in (False, True):
         counters.clear()
         args = TrainingArguments(
-            str(tmp_path / f"c{compiled}"), max_steps=4, per_device_train_batch_size=4, logging_steps=1,
+            str(tmp_path / f"c{compiled}"), max_steps=4, per_device_train_batch_size=4, logging_steps=logging_steps,
             learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=3,
             torch_compile=compiled, torch_compile_backend="aot_eager" if compiled else None,
         )
@@ -188,11 +205,13 @@ def test_trainer_torch_compile_matches_eager(tmp_path):
         trainer.train()
         logs = [h for h in trainer.state.log_history if "loss" in h]
         losses.append([h["loss"] for h in logs])
-    # Every step is a logging step with the FP32 shadow on (the Trainer's default shadow_every=1).
+    # Logging steps with the FP32 shadow on (the Trainer's default shadow_every=1); with logging_steps=2,
+    # step 3 is an ordinary step after the first, which runs the quantized layers as traced graph code.
     assert all("grad_cos_sim/mean" in h and "quantization/overflow_rate" in h for h in logs)
     assert hasattr(trainer.model_wrapped, "_orig_mod"), "the Trainer compiled the model"
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
-    assert len(losses[1]) == 4
+    assert len(losses[1]) == 4 // logging_steps
+    assert bool(traces) == (logging_steps == 2), "traced layers where (and only where) an ordinary step ran"
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
 
 
@@ -227,3 +246,50 @@ def test_experiment_yaml_key_turns_on_trainer_compilation():
         None, ["training.torch_compile=true", "training.torch_compile_backend=aot_eager", "training.use_cpu=true"]
     ).training_arguments()
     assert args.torch_compile and args.torch_compile_backend == "aot_eager"
+
+
+def _layer_steps(recipe, backend, steps=4, evaluate=False):
+    """A QuantLinear over ``steps`` driven steps (inputs growing, so delayed scales move), eager when
+    ``backend`` is None; returns per-step (y, dx, dW, traced?), the quantizer's state mid-way through the
+    last step, and the evaluation output after it."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    quantizer = quantize_model(net, QuantRecipe.from_dict(recipe), modules=["*"])
+    run = torch.compile(net, backend=backend, fullgraph=True) if backend else net
+    outs = []
+    for step in range(steps):
+        quantizer.begin_step()
+        gen = torch.Generator().manual_seed(step)
+        x = (torch.randn(3, 8, 64, generator=gen) * (step + 1)).requires_grad_()
+        y = run(x)
+        y.backward(torch.randn(3, 8, 32, generator=gen) * 10.0 ** -step)
+        outs.append((y.detach(), x.grad, net[0].weight.grad.clone(), net[0].traced))
+        net[0].weight.grad = None
+    state = quantizer.state_dict()
+    net.eval()
+    with torch.no_grad():
+        y_eval = run(torch.randn(5, 64, generator=torch.Generator().manual_seed(99)))
+    return outs, state, y_eval, quantizer
+
+
+@pytest.mark.parametrize("name", ["fp8_hybrid", "rows_toward_zero", "mxfp8"])
+def test_traced_layer_is_bitwise_eager_under_inductor(name):
+    # Inductor (C++) compiles the traced layer's rounding into the model graph; outputs, both gradients,
+    # the delayed-scaling state mid-step and an evaluation call after training are bitwise eager's.
+    eager, eager_state, eager_eval, _ = _layer_steps(RECIPES[name], None)
+    torch._dynamo.reset()
+    compiled, state, y_eval, quantizer = _layer_steps(RECIPES[name], "inductor")
+    assert [c[3] for c in compiled][1:] == [True] * 3, "the layer ran as traced graph code after step 1"
+    for step, (a, b) in enumerate(zip(eager, compiled)):
+        for u, v in zip(a[:3], b[:3]):
+            assert torch.equal(u, v), step
+    assert torch.equal(eager_eval, y_eval)
+    for key, saved in eager_state["quantizers"].items():
+        ours = state["quantizers"][key]
+        assert ours["stepped"] == saved["stepped"]
+        if saved["history"] is not None:  # delayed scaling: history and this step's amax, folded from the graph
+            assert ours["history"]["count"] == saved["history"]["count"]
+            assert torch.equal(ours["history"]["history"], saved["history"]["history"])
+            assert torch.equal(ours["step_amax"], saved["step_amax"]), key
+    # Evaluation recorded nothing: a following step folds the training calls' amax only.
+    assert not any(q.state.traced_pending for q in quantizer.all_quantizers().values())

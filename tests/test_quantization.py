@@ -296,8 +296,9 @@ def test_cuda_matches_cpu(rounding):
 def test_fast_path_does_not_recompile_for_new_shapes_or_formats():
     from torch._dynamo.utils import counters
 
-    quantize(torch.randn(100), "e4m3")
-    quantize(torch.randn(100), "e4m3", scale=torch.tensor(2.0))
+    for fmt in ("e4m3", "bf16"):  # the float-only nearest kernel (e4m3) and the integer one (bf16: emax 127)
+        quantize(torch.randn(100), fmt)
+        quantize(torch.randn(100), fmt, scale=torch.tensor(2.0))
     graphs = counters["stats"]["unique_graphs"]
     for shape in [(1000,), (1001,), (7, 33), (3, 5, 64), (12345,)]:
         for fmt in ("e5m2", "e3m4", "e2m1", "bf16"):

@@ -185,6 +185,38 @@ def test_compiled_path_matches_eager_bit_for_bit(name, rounding):
     assert kernels.compile_enabled("cpu"), "torch.compile of the quantization kernel failed on this machine"
 
 
+SPLIT_FORMATS = sorted(n for n in FORMAT_REGISTRY if kernels.split_rounding_applies(get_format(n), "nearest", "none", "cpu"))
+
+
+def test_split_kernel_serves_the_usual_formats_and_not_the_others():
+    assert {"E4M3", "E5M2", "E3M4", "E2M5", "E1M6", "E6M1", "E2M1", "E3M2", "FP16"} <= set(SPLIT_FORMATS)
+    # no -0 (FNUZ), no mantissa bit (E7M0, E8M0), no room above max in float32 (BF16): integer kernel
+    assert not {"E4M3FNUZ", "E5M2FNUZ", "E7M0", "E8M0", "BF16"} & set(SPLIT_FORMATS)
+    assert not kernels.split_rounding_applies(get_format("E4M3"), "nearest", "full", "cpu")  # statistics
+    assert not kernels.split_rounding_applies(get_format("E4M3"), "nearest", "none", "cuda")  # Triton may fuse FMAs
+    assert not kernels.split_rounding_applies(get_format("E4M3"), "stochastic", "none", "cpu")
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("name", SPLIT_FORMATS)
+def test_split_kernel_equals_integer_kernel_on_every_tie(name, compiled):
+    # The float-only nearest kernel against the integer one (itself checked against ml_dtypes and gfloat
+    # above): every midpoint and its float32 neighbours, overflow both ways, a scale that is not a power of
+    # two, float32 subnormals, specials; eagerly and as the compiled (C++ Inductor) kernel.
+    fmt = get_format(name)
+    x = torch.from_numpy(probe_values(name, n_random=20_000))
+    int_params = torch.tensor(format_params(fmt), dtype=torch.int32)
+    split = torch.tensor(kernels.split_params(fmt), dtype=torch.float32)
+    scale = torch.tensor(0.7)
+    for saturate in (False, True):
+        for s in (None, scale):
+            ours = kernels.run_compiled(
+                kernels.round_nearest_split, x, s, split, saturate, s is not None,
+                variant=("test", saturate, s is not None), use_compile=compiled)
+            ref = round_to_format(x, s, int_params, None, "nearest", saturate, s is not None)
+            _assert_bit_exact(x.numpy(), ours.numpy(), ref.numpy(), f"{name} split vs integer (saturate={saturate})")
+
+
 @pytest.mark.parametrize("name", ["E4M3", "E5M2", "E3M4", "E2M1", "BF16"])
 def test_round_toward_zero_matches_gfloat(name):
     fmt = get_format(name)

@@ -28,7 +28,11 @@ from altgrad.quantization.kernels import (
     STATS_FIELDS,
     format_params,
     needs_exact_subnormal_exponent,
+    round_nearest_split,
+    round_to_format,
     run_kernel,
+    split_params,
+    split_rounding_applies,
 )
 
 __all__ = [
@@ -61,6 +65,31 @@ def _params_on(fmt: FloatFormat, device: torch.device) -> torch.Tensor:
         # about it); the constant tensor becomes part of the graph.
         return torch.tensor(format_params(fmt), dtype=torch.int32, device=device)
     return _cached_params_on(fmt, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_split_params_on(fmt: FloatFormat, device: torch.device) -> torch.Tensor:
+    return torch.tensor(split_params(fmt), dtype=torch.float32, device=device)
+
+
+def kernel_call(x_view, s_view, fmt: FloatFormat, seeds, rounding: str, saturate: bool, dequant: bool, stats: str,
+                out_dtype: torch.dtype) -> tuple:
+    """``(kernel, args)``: the rounding kernel for this call and its arguments (views already tiled).
+
+    Round-to-nearest into the usual formats takes the float-only kernel where it is exact and faster
+    (:func:`~altgrad.quantization.kernels.split_rounding_applies`), everything else the integer one;
+    eager calls and graphs that trace the quantizer (``altgrad.training.traced_linear``) choose alike.
+    """
+    device = x_view.device
+    if split_rounding_applies(fmt, rounding, stats, device.type):
+        if torch.compiler.is_compiling():
+            params = torch.tensor(split_params(fmt), dtype=torch.float32, device=device)
+        else:
+            params = _cached_split_params_on(fmt, device)
+        return round_nearest_split, (x_view, s_view, params, bool(saturate), dequant, stats, out_dtype)
+    params = _params_on(fmt, device)
+    return round_to_format, (x_view, s_view, params, seeds, rounding, bool(saturate), dequant,
+                             needs_exact_subnormal_exponent(fmt), stats, out_dtype)
 
 
 def _check_tensor(x: torch.Tensor, what: str = "x") -> None:
@@ -175,18 +204,10 @@ def _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequant, stats=
     seeds = _seeds(x.device, generator) if rounding == "stochastic" else None
     # detach(): the kernel never needs autograd history, and a plain tensor (not a view with a `_base`)
     # keeps torch.compile's guards on shapes only.
-    out = run_kernel(
-        x_view.detach(),
-        None if s_view is None else s_view.detach(),
-        _params_on(fmt, x.device),
-        seeds,
-        rounding,
-        bool(saturate),
-        dequant,
-        needs_exact_subnormal_exponent(fmt),
-        stats,
-        out_dtype,  # cast inside the fused pass
-    )
+    kernel, args = kernel_call(
+        x_view.detach(), None if s_view is None else s_view.detach(), fmt, seeds, rounding, saturate, dequant, stats,
+        out_dtype)
+    out = run_kernel(*args, kernel=kernel)
     q, sums = out if stats != "none" else (out, None)
     q = q.reshape(x.shape) if cast_after is None else q.reshape(x.shape).to(cast_after)
     return q if sums is None else (q, sums)

@@ -1,24 +1,23 @@
-"""How a :class:`~altgrad.training.quantized_linear.QuantLinear` runs inside ``torch.compile(model)``.
+"""How a :class:`~altgrad.training.quantized_linear.QuantLinear` runs inside ``torch.compile(model)``
+on the steps the traced path (:mod:`altgrad.training.traced_linear`) does not cover: logging steps
+(statistics on), stochastic rounding, a delayed recipe's first step, ``native_fp8``, and layers driven
+without a step driver.
 
-Under compilation each quantized Linear is one pair of ``torch.library`` custom ops,
-``altgrad::quantized_linear`` (forward) and ``altgrad::quantized_linear_backward``, tied together with
-``register_autograd``. The compiler sees an opaque node with known output shapes (``register_fake``);
-at run time the node executes the very code the eager model runs (``_QuantizedLinearFunction`` or
-``NativeFP8LinearFunction``), quantizers and all.
+There each quantized Linear is one pair of ``torch.library`` custom ops, ``altgrad::quantized_linear``
+(forward) and ``altgrad::quantized_linear_backward``, tied together with ``register_autograd``. The
+compiler sees an opaque node with known output shapes (``register_fake``); at run time the node executes
+the very code the eager model runs (``_QuantizedLinearFunction`` or ``NativeFP8LinearFunction``),
+quantizers and all.
 
-Why custom ops and not fully traceable code. The quantizers' state changes at step granularity and is
-Python state by design: delayed scaling freezes a scale per optimizer step and folds each call's amax
-into the next step's history, statistics are collected on logging steps only (a switch the trainer
-flips), what-if probes ride on the same calls, and stochastic rounding draws its seeds from torch's
-global generator. Traced, each of these either breaks the graph (host reads, mutation of Python
-objects in a backward), or becomes a guard that recompiles whenever it flips (statistics on/off,
-first step vs history, a probe added), or draws random numbers from the compiler's RNG instead of
-torch's (different bits than eager). An opaque op has none of these problems: zero graph breaks,
-one graph for every step, and the same numbers as eager by construction (same code, same order,
-same generator). What it gives up is fusion of the rounding pass with its neighbours; the pass is
-already one fused kernel of its own (``altgrad.quantization.kernels``), so the loss is one memory
-round trip per operand, while everything around the layers (attention, norms, GELU, the optimizer)
-is compiled as usual.
+Why an opaque op for these steps. What they need is Python state updated per call or bits from torch's
+generator: statistics accumulate in host-side objects per call, what-if probes ride on the same calls,
+stochastic rounding draws its seeds from torch's global generator (Inductor's own generator would give
+other bits than eager), the first delayed step derives its frozen scale from its first call's amax, and
+the native path keeps FP8 operands and their inverse scales for the backward. Traced, each of these
+would break the graph, recompile whenever it flips, or change the bits. An opaque op has none of these
+problems: zero graph breaks, one cached graph for all such steps, and the same numbers as eager by
+construction (same code, same order, same generator). What it gives up is fusion and the per-call
+overhead of the eager code, which is why ordinary steps take the traced path.
 
 The op's arguments are tensors and plain values only, so a layer is named by an integer key
 (``layer_key``) into a weak registry; the tensors the backward needs stay with the layer under a

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 
 import torch
 import torch.nn as nn
@@ -47,7 +48,7 @@ from altgrad.quantization import (
     quantize_with_amax,
 )
 from altgrad.quantization.quantize import quantize_with_sums, stats_from_sums
-from altgrad.training import compiled_linear
+from altgrad.training import compiled_linear, traced_linear
 from altgrad.training.native_fp8 import NativeFP8LinearFunction, NativeFP8Plan
 from altgrad.training.recipe import (
     LAYER_ROLES,
@@ -104,18 +105,38 @@ class ScaleState:
         self.step_amax: torch.Tensor | None = None  # this step's amax, not yet in the history
         self.step_scale: torch.Tensor | None = None  # the scale frozen for this step
         self.last_scale: torch.Tensor | None = None  # the last training call's scale (bit-stall reads it)
+        # Compiled graphs that trace the quantizer (`altgrad.training.traced_linear`) fold their calls'
+        # amax into this device buffer in place (-inf: none yet) and flag it; begin_step folds it here.
+        self.traced_amax: torch.Tensor | None = None
+        self.traced_pending = False
 
     @property
     def delayed(self) -> bool:
         return self.history is not None
 
     def begin_step(self) -> None:
-        """Start an optimizer step: last step's amax joins the history; the next scale is derived lazily."""
+        """Start an optimizer step: last step's amax joins the history, and the step's scale is frozen
+        from it (derived at the first training call instead when there is no history yet)."""
         self.stepped = True
+        self._fold_traced()
         if self.history is not None and self.step_amax is not None:
             self.history.update_amax(self.step_amax)
         self.step_amax = None
         self.step_scale = None
+        if self.history is not None and len(self.history):
+            # Derived now rather than at the first call (same value: the history does not change during
+            # the step), so that a compiled graph can take it as an input.
+            self.step_scale = _scale_from_amax(self.spec, self.history.get_amax(self.spec.amax_algo.value))
+            device = self.history.history.device
+            if self.traced_amax is None or self.traced_amax.device != device:
+                self.traced_amax = torch.full((), -math.inf, device=device)
+
+    def _fold_traced(self) -> None:
+        """Fold the amax that traced graph calls accumulated on device into ``step_amax``."""
+        if self.traced_pending:
+            self.observe_amax(self.traced_amax.clone())
+            self.traced_amax.fill_(-math.inf)
+            self.traced_pending = False
 
     def observe_amax(self, current: torch.Tensor) -> None:
         """Fold a training call's amax into this step's (delayed scaling; a no-op otherwise)."""
@@ -123,6 +144,8 @@ class ScaleState:
             self.step_amax = current if self.step_amax is None else torch.maximum(self.step_amax, current)
 
     def _delayed_scale(self, x: torch.Tensor, record: bool) -> torch.Tensor:
+        if record:
+            self._fold_traced()  # a traced call earlier in this step (normally none: graphs do not mix)
         if record and not self.stepped:
             # No step boundaries announced: every training call is a step of its own.
             self.begin_step()
@@ -156,6 +179,7 @@ class ScaleState:
         return scale
 
     def state_dict(self) -> dict:
+        self._fold_traced()
         # The layout of checkpoints written before the split (keys and values): keep it.
         return {
             "history": None if self.history is None else self.history.state_dict(),
@@ -435,6 +459,7 @@ class QuantLinear(nn.Linear):
         if recipe.backend is Backend.NATIVE_FP8 and not new.native:
             new._note(f"{name} runs simulated: {new.native_plan.reason}")
         new._op_key = compiled_linear.register_layer(new)  # how the compiled graph's op finds this layer
+        new.traced = False  # whether compiled graphs run it as graph code (kept by ModelQuantizer.refresh_traced)
         return new
 
     def __setstate__(self, state: dict) -> None:
@@ -442,6 +467,7 @@ class QuantLinear(nn.Linear):
         # original's key in the compiled ops' registry.
         super().__setstate__(state)
         self._op_key = compiled_linear.register_layer(self)
+        self.__dict__.setdefault("traced", False)  # pickled before traced layers existed
 
     def _operands(self) -> tuple[TensorQuantizer | None, TensorQuantizer | None, TensorQuantizer | None]:
         # The autograd functions' quantizer arguments, in their order (None: that operand stays as is).
@@ -465,7 +491,11 @@ class QuantLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            # Inside torch.compile: one opaque op pair running the code below (see compiled_linear).
+            # Inside torch.compile: graph code where the step needs rounding only (traced_linear), else
+            # one opaque op pair running the code below (compiled_linear).
+            # `traced` (one guard) first: steps it rules out share one cached graph, whatever ruled them out.
+            if self.traced and traced_linear.can_trace(self):
+                return traced_linear.traced_forward(self, x)
             return compiled_linear.compiled_forward(self, x)
         return self.autograd_function(x).apply(x, self.weight, self.bias, *self._operands(), self.training)
 
@@ -567,6 +597,13 @@ class ModelQuantizer:
     def set_collect_stats(self, enabled: bool) -> None:
         for q in self.all_quantizers().values():
             q.collect_stats = enabled
+        self.refresh_traced()
+
+    def refresh_traced(self) -> None:
+        """Decide, for the calls until the next step or statistics switch, which layers a compiled model
+        runs as graph code (see `altgrad.training.traced_linear`); eager runs ignore it."""
+        for _, layer in self.layers:
+            layer.traced = traced_linear.can_trace(layer)
 
     def pop_stats(self) -> dict[str, torch.Tensor]:
         """Per-tensor statistics since the last call, keyed ``<layer>/<role>/<stat>`` (on device)."""
@@ -608,6 +645,7 @@ class ModelQuantizer:
             q.begin_step()
         for _, layer in self.layers:
             compiled_linear.discard_pending(layer)
+        self.refresh_traced()
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
@@ -669,6 +707,7 @@ class ModelQuantizer:
             )
         for key, q in mine.items():
             q.load_state_dict(state["quantizers"][key])
+        self.refresh_traced()
         if self.kahan:
             buffers = state.get("compensation") or {}
             unknown = sorted(set(buffers) - {name for name, _ in self.layers})
