@@ -338,3 +338,45 @@ def test_autograd_function_takes_quantizers_and_a_training_flag_not_the_module()
     with torch.no_grad():
         _QuantizedLinearFunction.apply(x, lin.weight, lin.bias, *qs, False)
     assert all(q.pop_stats() == {} for q in qs)
+
+
+def test_batched_begin_steps_equal_one_by_one_bit_for_bit():
+    # ModelQuantizer rolls all delayed states at once (ScaleState.begin_steps). Against each state's own
+    # begin_step, over steps with NaN/inf amaxes, steps without a call, amaxes recorded by traced graphs
+    # (on device, flagged) or eagerly, and specs that differ in format, margin, power of two, window and
+    # amax algorithm: the same histories, counts and frozen scales, bit for bit.
+    import copy
+
+    from altgrad.training.quantized_linear import ScaleState
+
+    specs = [
+        TensorQuantSpec("E4M3"), TensorQuantSpec("E4M3"), TensorQuantSpec("E5M2", margin=1),
+        TensorQuantSpec("E4M3", power_of_two=True), TensorQuantSpec("E3M4", amax_algo="most_recent"),
+        TensorQuantSpec("E5M2", amax_history_len=3), TensorQuantSpec("E5M2", amax_history_len=3),
+    ]
+    one_by_one = [ScaleState(spec) for spec in specs]
+    batched = copy.deepcopy(one_by_one)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(12):
+        for a, b in zip(one_by_one, batched):
+            a.begin_step()
+        ScaleState.begin_steps(batched)
+        for i, (a, b) in enumerate(zip(one_by_one, batched)):
+            assert a.history.count == b.history.count and a.stepped and b.stepped, (step, i)
+            if a.history.history is not None:
+                assert torch.equal(a.history.history, b.history.history), (step, i)
+            assert (a.step_scale is None) == (b.step_scale is None), (step, i)
+            if a.step_scale is not None:
+                assert torch.equal(a.step_scale, b.step_scale), (step, i)
+            assert a.step_amax is None and b.step_amax is None and not b.traced_pending
+            # This step's calls: none (every fifth state-step), a NaN or inf now and then, else a value.
+            draw = torch.rand((), generator=gen).item()
+            if draw < 0.2:
+                continue
+            value = torch.tensor(math.nan if draw < 0.25 else math.inf if draw < 0.3 else 10 * draw + step)
+            for state in (a, b):
+                if state.traced_amax is not None and draw > 0.6:  # a traced graph recorded it
+                    state.traced_amax.fill_(value.item())
+                    state.traced_pending = True
+                else:
+                    state.observe_amax(value.clone())

@@ -127,9 +127,63 @@ class ScaleState:
             # Derived now rather than at the first call (same value: the history does not change during
             # the step), so that a compiled graph can take it as an input.
             self.step_scale = _scale_from_amax(self.spec, self.history.get_amax(self.spec.amax_algo.value))
+            self.last_scale = self.step_scale  # what this step's calls will use (traced graphs do not set it)
             device = self.history.history.device
             if self.traced_amax is None or self.traced_amax.device != device:
                 self.traced_amax = torch.full((), -math.inf, device=device)
+
+    @staticmethod
+    def begin_steps(states) -> None:
+        """:meth:`begin_step` on many states at once, the delayed ones batched: a model's 36 delayed
+        quantizers cost about 20 small tensor ops per group of like specs instead of about 15 each.
+
+        Same arithmetic, element for element, as each state's own :meth:`begin_step` (a test compares the
+        two bit for bit): the history write keeps the previous amax for a non-finite one, the window is
+        reduced the same way, the scale formula runs on a vector instead of a scalar. States whose step is
+        irregular (no amax this step, an empty history, a step that mixed traced and eager calls) take the
+        one-by-one path.
+        """
+        groups: dict[tuple, list] = {}
+        for state in states:
+            history = state.history
+            regular = (
+                history is not None and history.count > 0 and history.history is not None
+                and (state.traced_pending != (state.step_amax is not None))
+            )
+            if not regular:
+                state.begin_step()
+                continue
+            h = history.history
+            key = (history.window_size, history.count, h.shape, h.device, ScaleState._scale_key(state.spec))
+            groups.setdefault(key, []).append(state)
+        for (window, count, _, device, _), group in groups.items():
+            spec = group[0].spec
+            amaxes = torch.stack([s.traced_amax if s.traced_pending else s.step_amax for s in group]).to(torch.float32)
+            traced = [s.traced_amax for s in group if s.traced_pending]
+            if traced:  # reset for the next step's graph calls
+                torch._foreach_copy_(traced, [torch.full((), -math.inf, device=device)] * len(traced))
+            rows = torch.stack([s.history.history for s in group])  # (n, window, *amax shape)
+            previous = rows[:, (count - 1) % window]
+            rows[:, count % window] = torch.where(torch.isfinite(amaxes), amaxes, previous)
+            torch._foreach_copy_([s.history.history for s in group], list(rows.unbind(0)))
+            if spec.amax_algo.value == "most_recent":
+                source = rows[:, count % window]
+            else:
+                source = rows[:, : min(count + 1, window)].amax(dim=1)
+            scales = _scale_from_amax(spec, source)
+            for state, scale in zip(group, scales.unbind(0)):
+                state.history.count += 1
+                state.stepped = True
+                state.traced_pending = False
+                state.step_amax = None
+                state.step_scale = state.last_scale = scale  # last_scale: what this step's calls will use
+                if state.traced_amax is None or state.traced_amax.device != device:
+                    state.traced_amax = torch.full((), -math.inf, device=device)
+
+    @staticmethod
+    def _scale_key(spec: TensorQuantSpec) -> tuple:
+        # What `_scale_from_amax` and the history reduction read from a spec: states equal here share a batch.
+        return (spec.format, spec.margin, spec.power_of_two, spec.scale_format, spec.amax_algo)
 
     def _fold_traced(self) -> None:
         """Fold the amax that traced graph calls accumulated on device into ``step_amax``."""
@@ -641,8 +695,11 @@ class ModelQuantizer:
 
     def begin_step(self) -> None:
         """Announce a new optimizer step to every quantizer (delayed scales roll forward once per step)."""
-        for q in self.all_quantizers().values():
-            q.begin_step()
+        quantizers = list(self.all_quantizers().values())
+        ScaleState.begin_steps([q.state for q in quantizers])
+        for q in quantizers:
+            for probe in q.whatif:
+                probe.begin_step()
         for _, layer in self.layers:
             compiled_linear.discard_pending(layer)
         self.refresh_traced()

@@ -178,8 +178,9 @@ def traced_forward(layer, x: torch.Tensor) -> torch.Tensor:
             if q.state.delayed:
                 buffer = q.state.traced_amax
                 q.state.traced_pending = True  # replayed by dynamo after every run of the graph
-            if operand is not None:
-                q.state.last_scale = scale  # bit-stall reads the weight's
+            if operand is not None and not q.state.delayed:
+                # bit-stall reads the weight's; a delayed scale is the step's, set when the step began
+                q.state.last_scale = scale
         scales.append(scale)
         buffers.append(buffer)
     specs = tuple(None if q is None else q.spec for q in (act_q, weight_q, grad_q))
