@@ -459,17 +459,8 @@ class _QuantizedLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         xq, wq = ctx.saved_tensors
         gq = ctx.grad_q(grad_out, ctx.training) if ctx.grad_q is not None else grad_out
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = gq @ wq.to(gq.dtype)  # (..., in)
-        if ctx.needs_input_grad[1]:
-            out_features, in_features = wq.shape
-            grad_w = gq.reshape(-1, out_features).t() @ xq.reshape(-1, in_features).to(gq.dtype)  # (out, in)
-            grad_w = grad_w.to(wq.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            # The bias gradient is a reduction, not a GEMM: kept in high precision, as FP8 kernels do.
-            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_w, grad_b, None, None, None, None
+        grads = traced_linear.linear_grads(ctx.needs_input_grad[:3], ctx.has_bias, grad_out, gq, xq, wq)
+        return (*grads, None, None, None, None)
 
 
 _UNCHECKED = object()  # a device whose native-FP8 support has not been looked up yet

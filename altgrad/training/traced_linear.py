@@ -137,16 +137,26 @@ class _TracedQuantizedLinearFunction(torch.autograd.Function):
             if spec.scaling is Scaling.CURRENT:
                 g_scale = _current_scale(spec, grad_out)
             gq = _round(grad_out, spec, g_scale, None, ctx.g_amax)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = gq @ wq.to(gq.dtype)  # (..., in)
-        if ctx.needs_input_grad[1]:
-            out_features, in_features = wq.shape
-            grad_w = gq.reshape(-1, out_features).t() @ xq.reshape(-1, in_features).to(gq.dtype)  # (out, in)
-            grad_w = grad_w.to(wq.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)  # high precision, as in eager
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
+        grads = linear_grads(ctx.needs_input_grad[:3], ctx.has_bias, grad_out, gq, xq, wq)
+        return (*grads, None, None, None, None, None, None, None, None)
+
+
+def linear_grads(needs: tuple, has_bias: bool, grad_out: torch.Tensor, gq: torch.Tensor, xq: torch.Tensor,
+                 wq: torch.Tensor) -> tuple:
+    """The backward GEMMs of a quantized Linear, on the quantized output gradient ``gq`` and the saved
+    quantized operands (shared by the eager function and its traced twin): ``(dx, dW, db)``, None where
+    ``needs`` says no gradient."""
+    grad_x = grad_w = grad_b = None
+    if needs[0]:
+        grad_x = gq @ wq.to(gq.dtype)  # (..., in)
+    if needs[1]:
+        out_features, in_features = wq.shape
+        grad_w = gq.reshape(-1, out_features).t() @ xq.reshape(-1, in_features).to(gq.dtype)  # (out, in)
+        grad_w = grad_w.to(wq.dtype)
+    if has_bias and needs[2]:
+        # The bias gradient is a reduction, not a GEMM: kept in high precision, as FP8 kernels do.
+        grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+    return grad_x, grad_w, grad_b
 
 
 def _scale_of(q, x: torch.Tensor) -> Optional[torch.Tensor]:
