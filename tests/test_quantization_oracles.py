@@ -190,11 +190,35 @@ SPLIT_FORMATS = sorted(n for n in FORMAT_REGISTRY if kernels.split_rounding_appl
 
 def test_split_kernel_serves_the_usual_formats_and_not_the_others():
     assert {"E4M3", "E5M2", "E3M4", "E2M5", "E1M6", "E6M1", "E2M1", "E3M2", "FP16"} <= set(SPLIT_FORMATS)
-    # no -0 (FNUZ), no mantissa bit (E7M0, E8M0), no room above max in float32 (BF16): integer kernel
+    # no -0 (FNUZ), no mantissa bit (E7M0, E8M0), a splitting product past float32's range (BF16: emax 127)
     assert not {"E4M3FNUZ", "E5M2FNUZ", "E7M0", "E8M0", "BF16"} & set(SPLIT_FORMATS)
     assert not kernels.split_rounding_applies(get_format("E4M3"), "nearest", "full", "cpu")  # statistics
     assert not kernels.split_rounding_applies(get_format("E4M3"), "nearest", "none", "cuda")  # Triton may fuse FMAs
     assert not kernels.split_rounding_applies(get_format("E4M3"), "stochastic", "none", "cpu")
+
+
+def _edge_format(man_bits: int, room: int):
+    # A user FN format whose splitting product a * (2**(23 - M) + 1) needs emax + 24 - M == 127 + room.
+    from altgrad.quantization import FloatFormat
+
+    emax_fn = 2**7 - 1  # FN: the all-ones exponent still holds finite values (all but one NaN code)
+    bias = emax_fn - (127 + room - 24 + man_bits)
+    fmt = FloatFormat(f"E7M{man_bits}B{bias}", exp_bits=7, man_bits=man_bits, bias=bias, special="fn")
+    assert fmt.emax + 24 - man_bits == 127 + room, fmt
+    return fmt
+
+
+def test_user_formats_at_the_edge_of_float32_take_the_right_kernel():
+    # One binade more and the splitting product overflows: that format must take the integer kernel and
+    # round its largest values correctly; the last format inside the condition must split exactly.
+    inside, outside = _edge_format(2, 0), _edge_format(2, 1)
+    assert kernels.split_rounding_applies(inside, "nearest", "none", "cpu")
+    assert not kernels.split_rounding_applies(outside, "nearest", "none", "cpu")
+    for fmt in (inside, outside):
+        x = torch.from_numpy(probe_values(fmt, n_random=20_000))
+        params = torch.tensor(format_params(fmt), dtype=torch.int32)
+        ref = round_to_format(x, None, params, None, "nearest", False, False)
+        _assert_bit_exact(x.numpy(), quantize(x, fmt, saturate=False).numpy(), ref.numpy(), fmt.name)
 
 
 @pytest.mark.parametrize("compiled", [False, True])

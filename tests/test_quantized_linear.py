@@ -372,6 +372,10 @@ def test_batched_begin_steps_equal_one_by_one_bit_for_bit():
             # This step's calls: none (every fifth state-step), a NaN or inf now and then, else a value.
             draw = torch.rand((), generator=gen).item()
             if draw < 0.2:
+                if b.traced_amax is not None and draw < 0.1:
+                    # A traced training forward whose backward never ran: flagged, never written. Eager
+                    # recorded nothing, so the batched path must not advance the history either.
+                    b.traced_pending = True
                 continue
             value = torch.tensor(math.nan if draw < 0.25 else math.inf if draw < 0.3 else 10 * draw + step)
             for state in (a, b):
@@ -380,3 +384,25 @@ def test_batched_begin_steps_equal_one_by_one_bit_for_bit():
                     state.traced_pending = True
                 else:
                     state.observe_amax(value.clone())
+
+
+def test_begin_steps_follows_the_amax_to_its_device_and_load_drops_traced_amax():
+    from altgrad.training.quantized_linear import ScaleState
+
+    state = ScaleState(TensorQuantSpec("E4M3"))
+    state.observe_amax(torch.tensor(3.0))
+    ScaleState.begin_steps([state])
+    # The model moved (here to `meta`, the device-agnostic stand-in for a GPU): the step's amax is there.
+    state.step_amax = torch.tensor(5.0, device="meta")
+    ScaleState.begin_steps([state])  # one-by-one path: the history moves with the amax, as begin_step does
+    assert state.history.history.device.type == "meta" and state.traced_amax.device.type == "meta"
+
+    fresh = ScaleState(TensorQuantSpec("E4M3"))
+    fresh.observe_amax(torch.tensor(1.0))
+    fresh.begin_step()
+    saved = fresh.state_dict()
+    fresh.traced_amax.fill_(100.0)  # a traced call of the step that the load below discards
+    fresh.traced_pending = True
+    fresh.load_state_dict(saved)
+    fresh.begin_step()
+    assert fresh.history.count == 1 and fresh.step_scale.item() == 448.0  # amax 1 still, not 100

@@ -271,31 +271,31 @@ def split_params(fmt: FloatFormat) -> list[float]:
 def split_rounding_applies(fmt: FloatFormat, rounding: str, stats: str, device_type: str) -> bool:
     """Whether :func:`round_nearest_split` gives ``fmt``'s round-to-nearest-even bits here.
 
-    The format must be signed (with a negative zero), with subnormals, 1 to 20 mantissa bits, and binades float32 holds as
-    normals (the splitting needs M + 1 <= 21 significant bits and a finite clamp). The compiler must
-    keep float32 arithmetic as written: C++ Inductor does (``-ffp-contract=off``, no unsafe math)
-    unless its config says otherwise; Triton may contract ``a * b - c`` into an FMA, so CUDA keeps the
-    integer kernel (where bit casts are free anyway). The Inductor flags are read once, at the first call.
-    Statistics (``stats="full"``) read the integer
-    codes, so they also take the integer kernel.
+    The format must be signed (with a negative zero), with subnormals and 1 to 20 mantissa bits, its
+    normal binades within float32's (``emin >= -126``), and ``emax + 24 - M <= 127``, so that the
+    splitting product ``a * (2**(23 - M) + 1)`` stays finite up to the clamp ``2**(emax + 1)``. The
+    compiler must keep float32 arithmetic as written. altgrad's own kernel compiles ask C++ Inductor for
+    that (``-ffp-contract=off``, no unsafe math: also its defaults). Inside a model graph the global
+    ``torch._inductor.config`` is read when the graph is traced; flags given as
+    ``torch.compile(options=...)`` are not visible there, so set FMA contraction or unsafe math in
+    ``torch._inductor.config`` instead if you want them. Triton may contract ``a * b - c`` into an FMA, so
+    CUDA keeps the integer kernel (bit casts are free there). Statistics (``stats="full"``) read the
+    integer codes, so they take the integer kernel too.
     """
     if rounding != "nearest" or stats == "full" or device_type != "cpu":
         return False
+    # t = a * (2**(23 - M) + 1) for a up to the clamp 2**(emax + 1) must stay finite: emax + 24 - M <= 127.
     if not (fmt.signed and fmt.has_negative_zero and fmt.subnormals and 1 <= fmt.man_bits <= 20
-            and -126 <= fmt.emin and fmt.emax <= 126):
+            and -126 <= fmt.emin and fmt.emax + 24 - fmt.man_bits <= 127):
         return False
-    return _cpp_keeps_float_ops()
-
-
-_cpp_flags_checked: list[bool] = []  # read once per process: a config read costs more than a small kernel call
+    # Eager calls run altgrad's own compiled kernels, built with _INDUCTOR_OPTIONS (which pin the flags).
+    return _cpp_keeps_float_ops() if torch.compiler.is_compiling() else True
 
 
 @torch.compiler.assume_constant_result  # read when a graph is traced, not traced itself (dynamo skips configs)
 def _cpp_keeps_float_ops() -> bool:
-    if not _cpp_flags_checked:
-        cpp = torch._inductor.config.cpp
-        _cpp_flags_checked.append(cpp.enable_floating_point_contract_flag == "off" and not cpp.enable_unsafe_math_opt_flag)
-    return _cpp_flags_checked[0]
+    cpp = torch._inductor.config.cpp
+    return cpp.enable_floating_point_contract_flag == "off" and not cpp.enable_unsafe_math_opt_flag
 
 
 def round_nearest_split(
@@ -350,7 +350,13 @@ _compile_failed: set[str] = set()
 # tensor it was first compiled for; with dynamic shapes (and its on-disk cache) that decision then holds
 # for every later size, so a first call on a small tensor would leave 16M-element ones single-threaded.
 # Dynamic threads leave the choice to OpenMP at run time. (Triton kernels on CUDA are unaffected.)
-_INDUCTOR_OPTIONS = {"cpp.dynamic_threads": True}
+_INDUCTOR_OPTIONS = {
+    "cpp.dynamic_threads": True,
+    # round_nearest_split needs float32 arithmetic as written: no FMA contraction, no unsafe math (the
+    # defaults, pinned here against a global config that changes them).
+    "cpp.enable_floating_point_contract_flag": "off",
+    "cpp.enable_unsafe_math_opt_flag": False,
+}
 
 
 @functools.lru_cache(maxsize=None)

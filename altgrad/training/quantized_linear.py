@@ -143,12 +143,16 @@ class ScaleState:
         irregular (no amax this step, an empty history, a step that mixed traced and eager calls) take the
         one-by-one path.
         """
+        states = list(states)
+        ScaleState._drop_unwritten(states)
         groups: dict[tuple, list] = {}
         for state in states:
             history = state.history
+            amax_now = state.traced_amax if state.traced_pending else state.step_amax
             regular = (
                 history is not None and history.count > 0 and history.history is not None
-                and (state.traced_pending != (state.step_amax is not None))
+                and amax_now is not None and (state.traced_pending != (state.step_amax is not None))
+                and amax_now.device == history.history.device  # else begin_step moves the history first
             )
             if not regular:
                 state.begin_step()
@@ -185,10 +189,31 @@ class ScaleState:
         # What `_scale_from_amax` and the history reduction read from a spec: states equal here share a batch.
         return (spec.format, spec.margin, spec.power_of_two, spec.scale_format, spec.amax_algo)
 
+    @staticmethod
+    def _drop_unwritten(states) -> None:
+        """Clear the pending flag of traced buffers no call wrote (still -inf): a training forward whose
+        backward never ran flags grad_output's buffer, and eager records nothing then. One host read per
+        device for all the states: a step boundary, where the session reads the loss anyway."""
+        by_device: dict[torch.device, list] = {}
+        for state in states:
+            if state.traced_pending:
+                by_device.setdefault(state.traced_amax.device, []).append(state)
+        for group in by_device.values():
+            written = (torch.stack([s.traced_amax for s in group]) != -math.inf).tolist()
+            for state, was_written in zip(group, written):
+                state.traced_pending = was_written
+
+    def _traced_step_amax(self) -> torch.Tensor | None:
+        """``step_amax`` with the traced calls' amax folded in (nothing changed)."""
+        if not self.traced_pending or self.traced_amax.item() == -math.inf:
+            return self.step_amax
+        traced = self.traced_amax.clone()
+        return traced if self.step_amax is None else torch.maximum(self.step_amax, traced)
+
     def _fold_traced(self) -> None:
         """Fold the amax that traced graph calls accumulated on device into ``step_amax``."""
         if self.traced_pending:
-            self.observe_amax(self.traced_amax.clone())
+            self.step_amax = self._traced_step_amax()
             self.traced_amax.fill_(-math.inf)
             self.traced_pending = False
 
@@ -233,11 +258,12 @@ class ScaleState:
         return scale
 
     def state_dict(self) -> dict:
-        self._fold_traced()
+        # Read-only, also mid-step: a traced backward still to run keeps writing the buffer it folds from.
+        step_amax = self._traced_step_amax()
         # The layout of checkpoints written before the split (keys and values): keep it.
         return {
             "history": None if self.history is None else self.history.state_dict(),
-            "step_amax": None if self.step_amax is None else self.step_amax.detach().clone(),
+            "step_amax": None if step_amax is None else step_amax.detach().clone(),
             "stepped": self.stepped,
         }
 
@@ -246,7 +272,12 @@ class ScaleState:
             self.history.load_state_dict(state["history"])
         self.step_amax = state.get("step_amax")
         self.stepped = bool(state.get("stepped", False))
-        self.step_scale = None  # re-derived from the loaded history on the next training call
+        # Re-derived from the loaded history at the next begin_step (or the next training call); until
+        # then a compiled model runs this layer through the opaque op.
+        self.step_scale = None
+        self.traced_pending = False  # what traced calls recorded before the load belongs to the old state
+        if self.traced_amax is not None:
+            self.traced_amax.fill_(-math.inf)
 
 
 class StatsAccumulator:

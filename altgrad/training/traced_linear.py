@@ -6,7 +6,8 @@ graph code: the quantizers' rounding passes (the kernel functions of
 GELUs, so Inductor fuses them with their neighbours and nothing runs per call in Python. The opaque
 op pair of :mod:`altgrad.training.compiled_linear` stays for everything else. Which of the two a
 layer takes is decided while the model is traced (``can_trace``), so each becomes a cached graph of
-its own, chosen by dynamo's guards at every call -- two graphs in a training run, never one per step:
+its own, chosen by dynamo's guards at every call -- two graphs per mode (training, evaluation), never
+one per step:
 
 =========================================  ==============================================
 traced (this module)                       opaque op (``compiled_linear``)
@@ -27,7 +28,10 @@ Delayed scaling as graph inputs. A step's scale is frozen for the whole step, so
 when the step begins (:meth:`ScaleState.begin_step`) and the graph reads it as an input. The step's
 amax is accumulated in place into a device buffer (``ScaleState.traced_amax``, forward roles in the
 forward, ``grad_output`` in the backward) and folded into the history when the next step begins, the
-same max the eager path takes.
+same max the eager path takes. A buffer no call wrote (a training forward whose backward never ran)
+changes nothing, as in eager. One difference is left: a current-scaled ``grad_output`` does not update
+its ``last_scale`` (computed inside the backward graph; nothing in altgrad reads it, bit-stall reads
+the weight's).
 
 Example:
     >>> import torch.nn as nn
@@ -91,6 +95,8 @@ def _round(
         x_view, s_view = scale_views(x, scale)
     else:
         x_view, s_view = x.reshape(-1), None
+    if x.numel() == 0:  # nothing to record (and no amax of nothing), as in eager
+        amax_buffer = None
     stats = "amax" if amax_buffer is not None else "none"
     kernel, args = kernel_call(
         x_view, s_view, get_format(spec.format), None, spec.rounding.value, spec.saturate, True, stats,
