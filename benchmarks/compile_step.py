@@ -7,8 +7,9 @@ Prints AdamW steps (forward, backward, optimizer; the optimizer stays eager in e
 two ratios the issue sets goals for: compiled `fp8_hybrid` / compiled float32 (goal <= 1.25x) and eager
 `fp8_hybrid` / eager float32 (goal <= 1.5x). Also torchao's `convert_to_float8_training` (emulated,
 tensorwise E4M3/E5M2 dynamic scaling) on the same model, compiled, when torchao imports; otherwise it
-prints why not. min and median over --steps timed steps after 3 warm-up steps (compilation happens in
-the warm-up, whose wall time is printed too). The timed fp8_hybrid steps are ordinary steps, which run
+prints why not. After 3 warm-up steps per case (compilation; their wall time is printed too), --steps
+rounds each time one step of every case in turn, so that a shared machine's slow and fast spells hit all
+cases alike; min and median per case, and for the goals also the median of the per-round ratios. The timed fp8_hybrid steps are ordinary steps, which run
 the quantized layers as traced graph code; "logging step" times steps with statistics on, which run
 them as opaque ops (see altgrad.training.traced_linear). On a GPU, width >= 2048: `--device cuda --n-layer 4 --n-embd 2048 --n-head 16 --block 1024
 --batch 8` (bf16 autocast by default there, so the float baseline is the bf16 step).
@@ -67,37 +68,38 @@ def main() -> None:
 
         return step
 
-    warmups = {}
+    base = "bf16 autocast" if use_autocast else "float32"
+    steps = {
+        f"eager {base}": make(),
+        "eager fp8_hybrid": make("fp8_hybrid"),
+        f"compiled {base}": make(compiled=True),
+        "compiled fp8_hybrid": make("fp8_hybrid", compiled=True),
+        "compiled fp8_hybrid, logging step": make("fp8_hybrid", compiled=True, logging=True),
+    }
+    torchao_note = "skipped (--skip-torchao)"
+    if not args.skip_torchao:
+        try:
+            import torchao
 
-    def timed(step, name) -> tuple[float, float]:
+            steps[f"compiled torchao float8 (emulate, {torchao.__version__})"] = make(compiled=True, torchao=True)
+            torchao_note = ""
+        except Exception as exc:  # not installed, or not working on this device/torch: say which
+            torchao_note = f"torchao unavailable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    warmups = {}
+    for name, step in steps.items():
         t0 = time.perf_counter()
         for _ in range(3):  # compilation happens here (a delayed recipe's traced graph at the second step)
             step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
         warmups[name] = time.perf_counter() - t0
-        times = step_times(step, args.steps, dev, warmup=0)
-        return min(times), statistics.median(times)
-
-    base = "bf16 autocast" if use_autocast else "float32"
-    runs = {
-        f"eager {base}": lambda: make(),
-        "eager fp8_hybrid": lambda: make("fp8_hybrid"),
-        f"compiled {base}": lambda: make(compiled=True),
-        "compiled fp8_hybrid": lambda: make("fp8_hybrid", compiled=True),
-        "compiled fp8_hybrid, logging step": lambda: make("fp8_hybrid", compiled=True, logging=True),
-    }
-    results = {name: timed(build(), name) for name, build in runs.items()}
-    torchao_note = "skipped (--skip-torchao)"
-    if not args.skip_torchao:
-        try:
-            import torchao
-
-            name = f"compiled torchao float8 (emulate, {torchao.__version__})"
-            results[name] = timed(make(compiled=True, torchao=True), name)
-            torchao_note = ""
-        except Exception as exc:  # not installed, or not working on this device/torch: say which
-            torchao_note = f"torchao unavailable: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    # Rounds, each timing one step of every case in turn: a shared machine's slow and fast spells then
+    # hit every case alike, and the ratios compare steps measured seconds apart, not minutes.
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.steps):
+        for name, step in steps.items():
+            times[name] += step_times(step, 1, dev, warmup=0)
+    results = {name: (min(t), statistics.median(t)) for name, t in times.items()}
 
     print(
         f"device={dev} model={args.n_layer}x{args.n_embd} block={args.block} batch={args.batch} "
@@ -116,7 +118,11 @@ def main() -> None:
     ):
         r_min = results[num][0] / results[den][0]
         r_med = results[num][1] / results[den][1]
-        print(f"{label:48s} {r_min:5.2f}x (min)  {r_med:5.2f}x (median)   goal <= {goal}x")
+        paired = statistics.median(a / b for a, b in zip(times[num], times[den]))  # same round, seconds apart
+        print(
+            f"{label:48s} {r_min:5.2f}x (min)  {r_med:5.2f}x (median)  {paired:5.2f}x (median of per-round "
+            f"ratios)   goal <= {goal}x"
+        )
     if torchao_note:
         print(torchao_note)
 
