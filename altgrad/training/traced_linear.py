@@ -1,9 +1,9 @@
 """A :class:`~altgrad.training.quantized_linear.QuantLinear` traced into the compiled graph.
 
 On the steps that need nothing but rounding, a compiled model runs its quantized Linears as ordinary
-graph code: the quantizers' rounding passes (the kernel functions of
-:mod:`altgrad.quantization.kernels` that the eager path compiles on their own) sit in the model's graph next to the GEMMs, norms and
-GELUs, so Inductor fuses them with their neighbours and nothing runs per call in Python. The opaque
+graph code: the quantizers' rounding passes (the kernel functions of :mod:`altgrad.quantization.kernels`
+that the eager path compiles on their own) sit in the model's graph next to the GEMMs, norms and GELUs,
+so Inductor fuses them with their neighbours and nothing runs per call in Python. The opaque
 op pair of :mod:`altgrad.training.compiled_linear` stays for everything else. Which of the two a
 layer takes is decided while the model is traced (``can_trace``), so each becomes a cached graph of
 its own, chosen by dynamo's guards at every call -- two graphs per mode (training, evaluation), never
@@ -19,9 +19,11 @@ simulated GEMMs                            ``native_fp8`` (FP8 operands and thei
 =========================================  ==============================================
 
 Why not trace everything. The rows on the right need what a graph cannot give cheaply or bitwise:
-statistics are host-side Python objects updated per call; stochastic rounding under Inductor draws
-from Inductor's own generator (other bits than eager); the first delayed step derives its frozen scale
-from its first call's amax, a data-dependent branch. They are rare steps (a logging step every N) or
+statistics are host-side Python objects updated per call; stochastic rounding draws two seeds from
+torch's generator per call, and a fused graph of forward and backward need not draw them in eager's
+order (a lone ``quantize`` compiled on its own does keep eager's bits, ``tests/test_compile.py``, but a
+whole model was not shown to); the first delayed step derives its frozen scale from its first call's
+amax, a data-dependent branch. They are rare steps (a logging step every N) or
 recipes that are slow anyway, and the opaque op runs them with the eager code.
 
 Delayed scaling as graph inputs. A step's scale is frozen for the whole step, so it is derived eagerly
