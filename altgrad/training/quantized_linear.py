@@ -126,11 +126,15 @@ class ScaleState:
         if self.history is not None and len(self.history):
             # Derived now rather than at the first call (same value: the history does not change during
             # the step), so that a compiled graph can take it as an input.
-            self.step_scale = _scale_from_amax(self.spec, self.history.get_amax(self.spec.amax_algo.value))
-            self.last_scale = self.step_scale  # what this step's calls will use (traced graphs do not set it)
-            device = self.history.history.device
-            if self.traced_amax is None or self.traced_amax.device != device:
-                self.traced_amax = torch.full((), -math.inf, device=device)
+            self._freeze(_scale_from_amax(self.spec, self.history.get_amax(self.spec.amax_algo.value)))
+
+    def _freeze(self, scale: torch.Tensor) -> None:
+        """This step's scale (also ``last_scale``: traced graphs do not set it), and a traced-amax buffer on
+        the history's device for the graphs to accumulate into."""
+        self.step_scale = self.last_scale = scale
+        device = self.history.history.device
+        if self.traced_amax is None or self.traced_amax.device != device:
+            self.traced_amax = torch.full((), -math.inf, device=device)
 
     @staticmethod
     def begin_steps(states) -> None:
@@ -180,9 +184,7 @@ class ScaleState:
                 state.stepped = True
                 state.traced_pending = False
                 state.step_amax = None
-                state.step_scale = state.last_scale = scale  # last_scale: what this step's calls will use
-                if state.traced_amax is None or state.traced_amax.device != device:
-                    state.traced_amax = torch.full((), -math.inf, device=device)
+                state._freeze(scale)
 
     @staticmethod
     def _scale_key(spec: TensorQuantSpec) -> tuple:

@@ -167,7 +167,7 @@ def linear_grads(needs: tuple, has_bias: bool, grad_out: torch.Tensor, gq: torch
     return grad_x, grad_w, grad_b
 
 
-def _scale_of(q, x: torch.Tensor) -> Optional[torch.Tensor]:
+def _scale_of(q, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The scale ``q`` would use for ``x`` now (delayed: the step's frozen scale, an input)."""
     scaling = q.spec.scaling
     if scaling is Scaling.NONE:
@@ -187,9 +187,9 @@ def traced_forward(layer, x: torch.Tensor) -> torch.Tensor:
         x.requires_grad or layer.weight.requires_grad or (layer.bias is not None and layer.bias.requires_grad))
     scales, buffers = [], []
     for q, operand in ((act_q, x), (weight_q, layer.weight), (grad_q, None)):
-        scale = None if q is None or operand is None else _scale_of(q, operand)
-        if q is not None and operand is None and q.spec.scaling is Scaling.DELAYED:
-            scale = q.state.step_scale  # grad_output's frozen scale, read in the backward
+        # grad_output (no operand here): a delayed scale is the step's, read in the backward; a current
+        # one is computed there from the gradient.
+        scale = None if q is None or (operand is None and not q.state.delayed) else _scale_of(q, operand)
         buffer = None
         runs = operand is not None or backward_runs
         if q is not None and record and runs:
