@@ -54,22 +54,18 @@ _OUT_DTYPES = _FLOAT_DTYPES + tuple(_FP8_FORMAT_OF)
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_params_on(fmt: FloatFormat, device: torch.device) -> torch.Tensor:
-    # Cached per (format, device): on CUDA this avoids a host-to-device copy per call.
-    return torch.tensor(format_params(fmt), dtype=torch.int32, device=device)
+def _cached_params_on(build, dtype: torch.dtype, fmt: FloatFormat, device: torch.device) -> torch.Tensor:
+    # Cached per (kernel, format, device): on CUDA this avoids a host-to-device copy per call.
+    return torch.tensor(build(fmt), dtype=dtype, device=device)
 
 
-def _params_on(fmt: FloatFormat, device: torch.device) -> torch.Tensor:
+def _params_on(fmt: FloatFormat, device: torch.device, build=format_params, dtype=torch.int32) -> torch.Tensor:
+    """A kernel's parameter vector for ``fmt`` (``build``: ``format_params`` or ``split_params``)."""
     if torch.compiler.is_compiling():
         # Traced inside a compiled model: dynamo would trace through the cache wrapper anyway (and warn
         # about it); the constant tensor becomes part of the graph.
-        return torch.tensor(format_params(fmt), dtype=torch.int32, device=device)
-    return _cached_params_on(fmt, device)
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_split_params_on(fmt: FloatFormat, device: torch.device) -> torch.Tensor:
-    return torch.tensor(split_params(fmt), dtype=torch.float32, device=device)
+        return torch.tensor(build(fmt), dtype=dtype, device=device)
+    return _cached_params_on(build, dtype, fmt, device)
 
 
 def kernel_call(x_view, s_view, fmt: FloatFormat, seeds, rounding: str, saturate: bool, dequant: bool, stats: str,
@@ -82,10 +78,7 @@ def kernel_call(x_view, s_view, fmt: FloatFormat, seeds, rounding: str, saturate
     """
     device = x_view.device
     if split_rounding_applies(fmt, rounding, stats, device.type):
-        if torch.compiler.is_compiling():
-            params = torch.tensor(split_params(fmt), dtype=torch.float32, device=device)
-        else:
-            params = _cached_split_params_on(fmt, device)
+        params = _params_on(fmt, device, split_params, torch.float32)
         return round_nearest_split, (x_view, s_view, params, bool(saturate), dequant, stats, out_dtype)
     params = _params_on(fmt, device)
     return round_to_format, (x_view, s_view, params, seeds, rounding, bool(saturate), dequant,
