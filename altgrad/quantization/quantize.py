@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import functools
 import math
+import types
+from dataclasses import dataclass
 
 import torch
 
@@ -30,7 +32,7 @@ from altgrad.quantization.kernels import (
     needs_exact_subnormal_exponent,
     round_nearest_split,
     round_to_format,
-    run_kernel,
+    run_compiled,
     split_params,
     split_rounding_applies,
 )
@@ -68,21 +70,86 @@ def _params_on(fmt: FloatFormat, device: torch.device, build=format_params, dtyp
     return _cached_params_on(build, dtype, fmt, device)
 
 
-def kernel_call(x_view, s_view, fmt: FloatFormat, seeds, rounding: str, saturate: bool, dequant: bool, stats: str,
-                out_dtype: torch.dtype) -> tuple:
-    """``(kernel, args)``: the rounding kernel for this call and its arguments (views already tiled).
+@dataclass(frozen=True)
+class KernelPlan:
+    """Everything about one quantizer call that depends on its signature (shapes, dtypes, devices,
+    format and options) and not on the data: worked out once per signature, so that a training loop
+    calling the quantizer with the same shapes every step pays for the checks, the scale tiling and the
+    kernel choice once, not at every call.
 
-    Round-to-nearest into the usual formats takes the float-only kernel where it is exact and faster
-    (:func:`~altgrad.quantization.kernels.split_rounding_applies`), everything else the integer one;
-    eager calls and graphs that trace the quantizer (``altgrad.training.traced_linear``) choose alike.
+    ``args(x, scale, seeds)`` gives the kernel's arguments for one call, ``x`` and ``scale`` as
+    given by the caller (``scale`` a tensor, or None).
     """
-    device = x_view.device
+
+    kernel: types.FunctionType
+    x_view_shape: tuple[int, ...]
+    s_view_shape: tuple[int, ...] | None
+    static_args: tuple  # the kernel's arguments after (x_view, s_view); the seeds' slot is None here
+    seeds_slot: int | None  # where in static_args a stochastic call's seeds go
+    variant: tuple  # the compiled variant's key (input dtype and the static arguments)
+    cast_after: torch.dtype | None  # a non-saturating float8 cast after the pass (see _build_plan)
+
+    def args(self, x: torch.Tensor, scale: torch.Tensor | None, seeds: torch.Tensor | None) -> tuple:
+        # detach() last: the kernel never needs autograd history, and a plain tensor (not a view with a
+        # `_base`) keeps torch.compile's guards on shapes only.
+        x_view = x.reshape(self.x_view_shape).detach()
+        s_view = None if scale is None else scale.to(torch.float32).reshape(self.s_view_shape).detach()
+        static = self.static_args
+        if self.seeds_slot is not None:
+            static = static[: self.seeds_slot] + (seeds,) + static[self.seeds_slot + 1 :]
+        return (x_view, s_view, *static)
+
+
+def _build_plan(x_shape, x_dtype, fmt: FloatFormat, scale_sig, device: torch.device, rounding: str,
+                saturate: bool, dequant: bool, stats: str, dtype) -> KernelPlan:
+    """The :class:`KernelPlan` of one call signature; raises on arguments no call can take."""
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"unknown rounding {rounding!r}; accepted: {list(ROUNDING_MODES)}")
+    out_dtype = x_dtype if dtype is None else dtype
+    if out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"dtype must be one of {', '.join(str(d) for d in _OUT_DTYPES)}, got {out_dtype}")
+    cast_after = None
+    if out_dtype in _FP8_FORMAT_OF:
+        if dequant or fmt != get_format(_FP8_FORMAT_OF[out_dtype]):
+            raise ValueError(
+                f"dtype={out_dtype} holds {_FP8_FORMAT_OF[out_dtype]} values: use it to quantize (not fake-quantize) "
+                f"into that format, got {'fake_quantize' if dequant else 'quantize'} into {fmt.name}"
+            )
+        if not saturate:
+            # Compiled (Triton) float8 casts saturate, which would turn E5M2's infinities into +-max:
+            # a non-saturating cast runs after the pass instead.
+            out_dtype, cast_after = torch.float32, out_dtype
+    if scale_sig is None:
+        x_view_shape, s_view_shape = (math.prod(x_shape),), None
+    else:
+        scale_shape, scale_device = scale_sig
+        if scale_device != device:
+            raise ValueError(f"scale is on {scale_device} but x is on {device}")
+        x_view_shape, s_view_shape = _view_shapes(x_shape, scale_shape)
+    seeds_slot = None
     if split_rounding_applies(fmt, rounding, stats, device.type):
-        params = _params_on(fmt, device, split_params, torch.float32)
-        return round_nearest_split, (x_view, s_view, params, bool(saturate), dequant, stats, out_dtype)
-    params = _params_on(fmt, device)
-    return round_to_format, (x_view, s_view, params, seeds, rounding, bool(saturate), dequant,
-                             needs_exact_subnormal_exponent(fmt), stats, out_dtype)
+        kernel = round_nearest_split
+        static = (_params_on(fmt, device, split_params, torch.float32), bool(saturate), dequant, stats, out_dtype)
+    else:
+        kernel = round_to_format
+        static = (_params_on(fmt, device), None, rounding, bool(saturate), dequant,
+                  needs_exact_subnormal_exponent(fmt), stats, out_dtype)
+        seeds_slot = 1 if rounding == "stochastic" else None
+    variant = (x_dtype, *(a for a in static if not isinstance(a, torch.Tensor) and a is not None))
+    return KernelPlan(kernel, x_view_shape, s_view_shape, static, seeds_slot, variant, cast_after)
+
+
+_cached_plan = functools.lru_cache(maxsize=1024)(_build_plan)
+
+
+def kernel_plan(x: torch.Tensor, fmt: FloatFormat, scale: torch.Tensor | None, rounding: str, saturate: bool,
+                dequant: bool, stats: str, dtype: torch.dtype | None) -> KernelPlan:
+    """The :class:`KernelPlan` for quantizing ``x`` with these arguments (``x`` and ``scale`` checked
+    float tensors): cached per signature for eager calls; built afresh while a graph is traced (dynamo
+    would trace through the cache, and the graph keeps what it needs itself)."""
+    scale_sig = None if scale is None else (scale.shape, scale.device)
+    build = _build_plan if torch.compiler.is_compiling() else _cached_plan
+    return build(x.shape, x.dtype, fmt, scale_sig, x.device, rounding, bool(saturate), dequant, stats, dtype)
 
 
 def _check_tensor(x: torch.Tensor, what: str = "x") -> None:
@@ -120,14 +187,14 @@ def block_shape_of(x_shape: torch.Size, scale_shape: torch.Size) -> tuple[int, .
     return tuple(blocks)
 
 
-def _tiled_views(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _view_shapes(x_shape: torch.Size, scale_shape: torch.Size) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """View x as (s0, b0, s1, b1, ...) and scale as (s0, 1, s1, 1, ...), then merge neighbouring dims.
 
     Merging keeps the number of distinct ranks the compiled kernel sees small: per tensor becomes 1-D,
     per row and 1xN blocks become 2-D, 2-D tiles 4-D.
     """
-    blocks = block_shape_of(x.shape, scale.shape)
-    counts = [n // b for n, b in zip(x.shape, blocks)]
+    blocks = block_shape_of(x_shape, scale_shape)
+    counts = [n // b for n, b in zip(x_shape, blocks)]
     dims: list[tuple[int, bool]] = []  # (size, indexed by scale?)
     for c, b in zip(counts, blocks):
         dims.append((c, True))
@@ -141,9 +208,7 @@ def _tiled_views(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, to
             merged.append([size, scaled])
     if not merged:
         merged = [[1, False]]
-    x_view = x.reshape([m[0] for m in merged])
-    s_view = scale.reshape([m[0] if m[1] else 1 for m in merged])
-    return x_view, s_view
+    return tuple(m[0] for m in merged), tuple(m[0] if m[1] else 1 for m in merged)
 
 
 def scale_views(x: torch.Tensor, scale: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +219,8 @@ def scale_views(x: torch.Tensor, scale: torch.Tensor | float) -> tuple[torch.Ten
     _check_tensor(scale, "scale")
     if scale.device != x.device:
         raise ValueError(f"scale is on {scale.device} but x is on {x.device}")
-    return _tiled_views(x, scale.to(torch.float32))
+    x_view_shape, s_view_shape = _view_shapes(x.shape, scale.shape)
+    return x.reshape(x_view_shape), scale.to(torch.float32).reshape(s_view_shape)
 
 
 def _seeds(device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
@@ -166,27 +232,11 @@ def _seeds(device: torch.device, generator: torch.Generator | None) -> torch.Ten
 
 def _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequant, stats="none", dtype=None):
     _check_tensor(x)
-    fmt = get_format(fmt)
-    if rounding not in ROUNDING_MODES:
-        raise ValueError(f"unknown rounding {rounding!r}; accepted: {list(ROUNDING_MODES)}")
-    out_dtype = x.dtype if dtype is None else dtype
-    if out_dtype not in _OUT_DTYPES:
-        raise TypeError(f"dtype must be one of {', '.join(str(d) for d in _OUT_DTYPES)}, got {out_dtype}")
-    cast_after = None
-    if out_dtype in _FP8_FORMAT_OF:
-        if dequant or fmt != get_format(_FP8_FORMAT_OF[out_dtype]):
-            raise ValueError(
-                f"dtype={out_dtype} holds {_FP8_FORMAT_OF[out_dtype]} values: use it to quantize (not fake-quantize) "
-                f"into that format, got {'fake_quantize' if dequant else 'quantize'} into {fmt.name}"
-            )
-        if not saturate:
-            # Compiled (Triton) float8 casts saturate, which would turn E5M2's infinities into +-max:
-            # a non-saturating cast runs after the pass instead.
-            out_dtype, cast_after = torch.float32, out_dtype
     if scale is not None:
-        x_view, s_view = scale_views(x, scale)
-    else:
-        x_view, s_view = x.reshape(-1), None
+        if not isinstance(scale, torch.Tensor):
+            scale = torch.tensor(float(scale), dtype=torch.float32, device=x.device)
+        _check_tensor(scale, "scale")
+    plan = kernel_plan(x, get_format(fmt), scale, rounding, saturate, dequant, stats, dtype)
     if stats != "none" and x.numel() == 0:  # nothing to reduce: an empty tensor's statistics are zeros
         zeros = (
             torch.zeros((), device=x.device)
@@ -194,15 +244,10 @@ def _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequant, stats=
             else torch.zeros(len(STATS_FIELDS), dtype=torch.float64, device=x.device)
         )
         return x.detach().to(dtype or x.dtype), zeros
-    seeds = _seeds(x.device, generator) if rounding == "stochastic" else None
-    # detach(): the kernel never needs autograd history, and a plain tensor (not a view with a `_base`)
-    # keeps torch.compile's guards on shapes only.
-    kernel, args = kernel_call(
-        x_view.detach(), None if s_view is None else s_view.detach(), fmt, seeds, rounding, saturate, dequant, stats,
-        out_dtype)
-    out = run_kernel(*args, kernel=kernel)
+    seeds = _seeds(x.device, generator) if plan.seeds_slot is not None else None
+    out = run_compiled(plan.kernel, *plan.args(x, scale, seeds), variant=plan.variant)
     q, sums = out if stats != "none" else (out, None)
-    q = q.reshape(x.shape) if cast_after is None else q.reshape(x.shape).to(cast_after)
+    q = q.reshape(x.shape) if plan.cast_after is None else q.reshape(x.shape).to(plan.cast_after)
     return q if sums is None else (q, sums)
 
 

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from altgrad.quantization.formats import get_format
-from altgrad.quantization.quantize import kernel_call, scale_views
+from altgrad.quantization.quantize import kernel_plan
 from altgrad.quantization.scaling import amax
 from altgrad.training.recipe import Rounding, Scaling, TensorQuantSpec
 
@@ -93,17 +93,11 @@ def _round(
     """``fake_quantize(x, spec.format, scale, dtype=out_dtype)`` as graph code: the kernel function the
     eager path compiles, on the same views, so both give the same bits. With ``amax_buffer`` the same
     pass also folds ``max |x|`` into it (delayed scaling's record of the step)."""
-    if scale is not None:
-        x_view, s_view = scale_views(x, scale)
-    else:
-        x_view, s_view = x.reshape(-1), None
     if x.numel() == 0:  # nothing to record (and no amax of nothing), as in eager
         amax_buffer = None
     stats = "amax" if amax_buffer is not None else "none"
-    kernel, args = kernel_call(
-        x_view, s_view, get_format(spec.format), None, spec.rounding.value, spec.saturate, True, stats,
-        out_dtype or x.dtype)
-    out = kernel(*args)  # format parameters become graph constants
+    plan = kernel_plan(x, get_format(spec.format), scale, spec.rounding.value, spec.saturate, True, stats, out_dtype)
+    out = plan.kernel(*plan.args(x, scale, None))  # format parameters become graph constants
     if amax_buffer is not None:
         out, current = out
         amax_buffer.copy_(torch.maximum(amax_buffer, current))
