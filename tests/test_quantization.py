@@ -417,6 +417,27 @@ def test_dynamic_range_used_matches_numpy_binades(fmt):
     assert 0 < expected < 1 or fmt.name in ("E4M3", "E5M2", "E2M1")
 
 
+@pytest.mark.parametrize("name", ["E2M1", "E4M3", "E5M2", "FP16", "E6M1"])
+def test_binade_occupancy_is_the_histogram_read_as_occupied(name):
+    # dynamic_range_used's float-only kernel against the bit-reading histogram it replaces for formats of
+    # up to 64 binades: values on and off the grid, outside the range (end bins), zeros, specials.
+    from altgrad.quantization.kernels import binade_edges, binade_histogram, binade_occupancy, run_compiled
+
+    fmt = get_format(name)
+    lowest = math.floor(math.log2(fmt.min_subnormal))
+    edges = torch.tensor(binade_edges(fmt), dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    powers = torch.exp2(torch.arange(lowest - 3, lowest + fmt.num_binades + 3, dtype=torch.float32))
+    dense = torch.cat([powers, -powers * 1.5, torch.nextafter(powers, torch.zeros(())), torch.tensor(
+        [0.0, -0.0, 1e-45, float("inf"), float("-inf"), float("nan"), 3e38])])
+    sparse = torch.exp2(torch.tensor([lowest + 1.0, lowest + fmt.num_binades - 2.0])) * torch.rand(2, generator=g).add(1)
+    for q in (dense, sparse, quantize(dense, fmt), torch.zeros(5)):
+        for compiled in (False, True):
+            ours = run_compiled(binade_occupancy, q, edges, variant=("test", fmt.num_binades), use_compile=compiled)
+            ref = binade_histogram(q, lowest, fmt.num_binades) > 0
+            assert torch.equal(ours, ref), (name, q, compiled)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])

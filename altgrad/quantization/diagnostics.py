@@ -11,8 +11,8 @@ import math
 import torch
 
 from altgrad.quantization.formats import FloatFormat, get_format
-from altgrad.quantization.kernels import binade_histogram, run_compiled
-from altgrad.quantization.quantize import quantize, quantize_with_stats, scale_views, stats_from_sums
+from altgrad.quantization.kernels import binade_edges, binade_histogram, binade_occupancy, run_compiled
+from altgrad.quantization.quantize import _params_on, quantize, quantize_with_stats, scale_views, stats_from_sums
 
 __all__ = ["quantization_stats", "dynamic_range_used", "BitStallDetector"]
 
@@ -36,9 +36,18 @@ def dynamic_range_used(q: torch.Tensor, fmt: FloatFormat | str) -> torch.Tensor:
     fmt = get_format(fmt)
     if q.numel() == 0:
         return torch.zeros((), device=q.device)
-    lowest = int(math.floor(math.log2(fmt.min_subnormal)))
-    hist = run_compiled(binade_histogram, q.detach(), lowest, fmt.num_binades, variant=(q.dtype,))
-    return (hist > 0).sum().to(torch.float32) / fmt.num_binades
+    if fmt.num_binades <= _MAX_UNROLLED_BINADES:
+        edges = _params_on(fmt, q.device, binade_edges, torch.float32)
+        occupied = run_compiled(binade_occupancy, q.detach(), edges, variant=(q.dtype, fmt.num_binades))
+    else:
+        lowest = math.floor(math.log2(fmt.min_subnormal))
+        occupied = run_compiled(binade_histogram, q.detach(), lowest, fmt.num_binades, variant=(q.dtype,)) > 0
+    return occupied.sum().to(torch.float32) / fmt.num_binades
+
+
+# Formats up to this many binades (every FP8 and smaller format, FP16, E6M1) take binade_occupancy, an
+# unrolled reduction per binade; BF16, E7M0 and E8M0 (126 to 261 binades) keep the histogram.
+_MAX_UNROLLED_BINADES = 64
 
 
 def quantization_stats(

@@ -268,7 +268,7 @@ def split_params(fmt: FloatFormat) -> list[float]:
     ]
 
 
-def split_rounding_applies(fmt: FloatFormat, rounding: str, stats: str, device_type: str) -> bool:
+def split_rounding_applies(fmt: FloatFormat, rounding: str, device_type: str) -> bool:
     """Whether :func:`round_nearest_split` gives ``fmt``'s round-to-nearest-even bits here.
 
     The format must be signed (with a negative zero), with subnormals and 1 to 20 mantissa bits, its
@@ -279,10 +279,9 @@ def split_rounding_applies(fmt: FloatFormat, rounding: str, stats: str, device_t
     ``torch._inductor.config`` is read when the graph is traced; flags given as
     ``torch.compile(options=...)`` are not visible there, so set FMA contraction or unsafe math in
     ``torch._inductor.config`` instead if you want them. Triton may contract ``a * b - c`` into an FMA, so
-    CUDA keeps the integer kernel (bit casts are free there). Statistics (``stats="full"``) read the
-    integer codes, so they take the integer kernel too.
+    CUDA keeps the integer kernel (bit casts are free there).
     """
-    if rounding != "nearest" or stats == "full" or device_type != "cpu":
+    if rounding != "nearest" or device_type != "cpu":
         return False
     # t = a * (2**(23 - M) + 1) for a up to the clamp 2**(emax + 1) must stay finite: emax + 24 - M <= 127.
     if not (fmt.signed and fmt.has_negative_zero and fmt.subnormals and 1 <= fmt.man_bits <= 20
@@ -337,6 +336,20 @@ def round_nearest_split(
     # A NaN input gives the canonical (positive) quiet NaN. `xf != xf`, not isnan: Inductor's C++ backend
     # vectorises the comparison but runs isnan as a scalar loop (half this kernel's time).
     q = torch.where(xf != xf, math.nan, q)
+    if stats == "full":  # round_to_format's statistics, by float comparisons (NaN compares false)
+        mag = xf.abs()
+        finite = mag < math.inf
+        xs64 = torch.where(finite, xf, 0.0).to(torch.float64)
+        err = torch.where(finite & (q.abs() < math.inf), xs64 - q.to(torch.float64), 0.0)
+        amax_out = torch.stack(
+            [
+                amax_out.to(torch.float64),
+                (mag > max_value).sum().to(torch.float64),
+                ((xf != 0) & (q == 0)).sum().to(torch.float64),
+                xs64.square().sum(),
+                err.square().sum(),
+            ]
+        )
     if dequantize and scale is not None:
         q = q / scale
     if out_dtype != torch.float32:
@@ -439,3 +452,31 @@ def binade_histogram(q: torch.Tensor, lowest_exponent: int, num_binades: int) ->
     index = (exponent - lowest_exponent).clamp(0, num_binades - 1).to(torch.int64)
     hist = torch.zeros(num_binades, dtype=torch.int32, device=q.device)
     return hist.scatter_add(0, index.reshape(-1), counted.reshape(-1).to(torch.int32))
+
+
+def binade_edges(fmt: FloatFormat) -> list[float]:
+    """The powers of two between ``fmt``'s binades, ``2**(lowest + 1) .. 2**(lowest + num_binades - 1)``
+    with ``2**lowest`` the smallest subnormal's binade: :func:`binade_occupancy`'s ``inner_edges``."""
+    lowest = math.floor(math.log2(fmt.min_subnormal))
+    return [2.0 ** (lowest + i) for i in range(1, fmt.num_binades)]
+
+
+def binade_occupancy(q: torch.Tensor, inner_edges: torch.Tensor) -> torch.Tensor:
+    """Whether any nonzero finite value of ``q`` falls in each binade (bool, one per binade): binade
+    ``i`` is ``[inner_edges[i - 1], inner_edges[i])``, the first one reaching down to 0 and the last
+    one up to infinity, so values outside the range count in the end bins, as in
+    :func:`binade_histogram`.
+
+    What :func:`binade_histogram` answers (``hist > 0``), by float comparisons alone: one boolean
+    ``any`` per binade, which Inductor fuses into a single vectorised pass, where the histogram's bit
+    casts and ``scatter_add`` run as scalar loops on CPUs (2-4x slower for an FP8 format's 18-32
+    binades). The reductions are unrolled, so formats with hundreds of binades keep the histogram.
+    """
+    m = q.abs().to(torch.float32)  # (N,)
+    n = inner_edges.shape[0] + 1
+    occupied = []
+    for i in range(n):
+        above = m > 0 if i == 0 else m >= inner_edges[i - 1]
+        below = m < math.inf if i == n - 1 else m < inner_edges[i]
+        occupied.append((above & below).any())
+    return torch.stack(occupied)  # (num_binades,)

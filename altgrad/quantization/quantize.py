@@ -127,7 +127,7 @@ def _build_plan(x_shape, x_dtype, fmt: FloatFormat, scale_sig, device: torch.dev
             raise ValueError(f"scale is on {scale_device} but x is on {device}")
         x_view_shape, s_view_shape = _view_shapes(x_shape, scale_shape)
     seeds_slot = None
-    if split_rounding_applies(fmt, rounding, stats, device.type):
+    if split_rounding_applies(fmt, rounding, device.type):
         kernel = round_nearest_split
         static = (_params_on(fmt, device, split_params, torch.float32), bool(saturate), dequant, stats, out_dtype)
     else:
