@@ -19,6 +19,7 @@ from altgrad.quantization import (
     Granularity,
     amax,
     compute_scale,
+    dynamic_range_used,
     fake_quantize,
     quantization_stats,
     quantize,
@@ -58,6 +59,7 @@ def main() -> None:
     params = torch.tensor(format_params(__import__("altgrad").quantization.get_format("e4m3")), dtype=torch.int32, device=dev)
 
     scale1 = torch.tensor(2.0, device=dev)
+    q_e4m3, q_e5m2 = quantize(x, "e4m3", scale1), quantize(x, "e5m2", scale1)
 
     def _separate_stats(t, s):  # what a monitor without the fused pass does: round, then reduce again
         q = quantize(t, "e4m3", s)
@@ -80,6 +82,8 @@ def main() -> None:
         "fused amax: quantize_with_amax e4m3": lambda: quantize_with_amax(x, "e4m3", scale1),
         "fused stats: quantize_with_stats e4m3": lambda: quantize_with_stats(x, "e4m3", scale1),
         "separate: quantize + stats recount": lambda: _separate_stats(x, scale1),
+        "dynamic_range_used e4m3 (logging step)": lambda: dynamic_range_used(q_e4m3, "e4m3"),
+        "dynamic_range_used e5m2 (logging step)": lambda: dynamic_range_used(q_e5m2, "e5m2"),
         "torch x.to(float8_e4m3fn).float()": lambda: x.to(torch.float8_e4m3fn).float(),
     }
     if dev == "cpu":
