@@ -374,13 +374,13 @@ def test_fused_statistics_match_an_independent_count(fmt, rounding, scaling):
 
 def test_fused_statistics_compiled_equal_eager_and_handle_nan_and_empty():
     from altgrad.quantization import quantize_with_stats
-    from altgrad.quantization.kernels import round_to_format, run_kernel
+    from altgrad.quantization.kernels import round_to_format, run_compiled
     from altgrad.quantization.quantize import _params_on
 
     x = _hard_tensor(seed=1)[8:]  # finite: the amax is a number
     args = (x, torch.tensor(4.0), _params_on(get_format("e5m2"), x.device), None, "nearest", True, False, False, "full")
     q_eager, sums_eager = round_to_format(*args)
-    q_fused, sums_fused = run_kernel(*args, use_compile=True)
+    q_fused, sums_fused = run_compiled(round_to_format, *args, variant=("test", "full"), use_compile=True)
     assert torch.equal(q_eager.view(torch.int32), q_fused.view(torch.int32))
     assert torch.equal(sums_eager[:3], sums_fused[:3])  # amax and the two counts exactly
     torch.testing.assert_close(sums_eager[3:], sums_fused[3:], rtol=1e-12, atol=0)  # float64 sums, any order
@@ -415,6 +415,24 @@ def test_dynamic_range_used_matches_numpy_binades(fmt):
     expected = len(np.unique(binades)) / fmt.num_binades
     assert dynamic_range_used(quantize(x, fmt), fmt).item() == pytest.approx(expected)
     assert 0 < expected < 1 or fmt.name in ("E4M3", "E5M2", "E2M1")
+
+
+def test_bad_arguments_are_reported_in_the_documented_order_and_empty_tensors_take_any_scale():
+    from altgrad.quantization.quantize import quantize_with_sums
+
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="unknown rounding"):  # before the scale's dtype
+        quantize(x, "e4m3", torch.tensor(2), rounding="bogus")
+    with pytest.raises(ValueError, match="unknown rounding"):  # an unhashable value: the same message
+        quantize(x, "e4m3", rounding=["nearest"])
+    with pytest.raises(TypeError, match="scale must be a float tensor"):
+        quantize(x, "e4m3", torch.tensor(2))
+    for shape, scale in (((0, 8), 2.0), ((0, 8), torch.ones(0, 1)), ((4, 0), torch.ones(4, 1)),
+                         ((0, 64), torch.ones(0, 2)), ((0,), torch.tensor(3.0))):
+        empty = torch.empty(shape)
+        assert fake_quantize(empty, "e4m3", scale).shape == shape
+        q, sums = quantize_with_sums(empty, "e4m3", scale)
+        assert q.shape == shape and sums.tolist() == [0.0] * 5
 
 
 @pytest.mark.parametrize("name", ["E2M1", "E4M3", "E5M2", "FP16", "E6M1"])

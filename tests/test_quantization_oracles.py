@@ -239,13 +239,18 @@ def test_split_kernel_equals_integer_kernel_on_every_tie(name, compiled):
             ref = round_to_format(x, s, int_params, None, "nearest", saturate, s is not None)
             _assert_bit_exact(x.numpy(), ours.numpy(), ref.numpy(), f"{name} split vs integer (saturate={saturate})")
     # A logged step's statistics, by float comparisons here and by bit patterns there: the same counts and
-    # amax, the same energies up to the float64 summation order.
-    _, ours = kernels.run_compiled(kernels.round_nearest_split, x, scale, split, False, False, "full",
-                                   variant=("test", "full"), use_compile=compiled)
-    _, ref = round_to_format(x, scale, int_params, None, "nearest", False, False, stats="full")
-    # amax (NaN: the probe values hold one), overflow and underflow counts
-    torch.testing.assert_close(ours[:3], ref[:3], rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(ours[3:], ref[3:], rtol=1e-12, atol=0)
+    # amax, the same energies up to the float64 summation order; with and without the NaN (which makes
+    # the amax NaN), both overflow modes, per-tensor and per-row scales.
+    rows = x[: x.numel() // 64 * 64].reshape(-1, 64)
+    row_scale = torch.exp2(torch.arange(rows.shape[0], dtype=torch.float32) % 7 - 3).reshape(-1, 1) * 0.7
+    for values, s in ((x, scale), (x[torch.isfinite(x)], scale), (rows, row_scale)):
+        for saturate in (False, True):
+            q, ours = kernels.run_compiled(kernels.round_nearest_split, values, s, split, saturate, False, "full",
+                                           variant=("test", saturate, "full"), use_compile=compiled)
+            q_ref, ref = round_to_format(values, s, int_params, None, "nearest", saturate, False, stats="full")
+            _assert_bit_exact(values.numpy().ravel(), q.numpy().ravel(), q_ref.numpy().ravel(), f"{name} with stats")
+            torch.testing.assert_close(ours[:3], ref[:3], rtol=0, atol=0, equal_nan=True)  # amax, the two counts
+            torch.testing.assert_close(ours[3:], ref[3:], rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("name", ["E4M3", "E5M2", "E3M4", "E2M1", "BF16"])

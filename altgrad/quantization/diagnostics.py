@@ -11,7 +11,13 @@ import math
 import torch
 
 from altgrad.quantization.formats import FloatFormat, get_format
-from altgrad.quantization.kernels import binade_edges, binade_histogram, binade_occupancy, run_compiled
+from altgrad.quantization.kernels import (
+    binade_edges,
+    binade_histogram,
+    binade_occupancy,
+    compile_enabled,
+    run_compiled,
+)
 from altgrad.quantization.quantize import _params_on, quantize, quantize_with_stats, scale_views, stats_from_sums
 
 __all__ = ["quantization_stats", "dynamic_range_used", "BitStallDetector"]
@@ -25,6 +31,13 @@ def _scaled(x: torch.Tensor, scale: torch.Tensor | float | None) -> torch.Tensor
     return (x_view * s_view).reshape(x.shape)
 
 
+# Compiled on CPU, formats of up to this many binades (every FP8 and smaller format, FP16, E6M1) take
+# binade_occupancy, an unrolled reduction per binade fused into one pass: Inductor's C++ code runs the
+# histogram's bit casts and scatter as scalar loops. BF16, E7M0 and E8M0 (126 to 261 binades), CUDA (where
+# the histogram is cheap) and uncompiled runs (the unrolled reductions would be one pass each) keep it.
+_MAX_UNROLLED_BINADES = 64
+
+
 def dynamic_range_used(q: torch.Tensor, fmt: FloatFormat | str) -> torch.Tensor:
     """Share of the format's binades (``min_subnormal`` .. ``max_value``) that hold at least one of the
     nonzero finite values of ``q`` (values already on the format's grid, in the format's units).
@@ -36,18 +49,15 @@ def dynamic_range_used(q: torch.Tensor, fmt: FloatFormat | str) -> torch.Tensor:
     fmt = get_format(fmt)
     if q.numel() == 0:
         return torch.zeros((), device=q.device)
-    if fmt.num_binades <= _MAX_UNROLLED_BINADES:
+    device_type = q.device.type
+    compiled = torch.compiler.is_compiling() or compile_enabled(device_type)
+    if device_type == "cpu" and compiled and fmt.num_binades <= _MAX_UNROLLED_BINADES:
         edges = _params_on(fmt, q.device, binade_edges, torch.float32)
         occupied = run_compiled(binade_occupancy, q.detach(), edges, variant=(q.dtype, fmt.num_binades))
     else:
         lowest = math.floor(math.log2(fmt.min_subnormal))
         occupied = run_compiled(binade_histogram, q.detach(), lowest, fmt.num_binades, variant=(q.dtype,)) > 0
     return occupied.sum().to(torch.float32) / fmt.num_binades
-
-
-# Formats up to this many binades (every FP8 and smaller format, FP16, E6M1) take binade_occupancy, an
-# unrolled reduction per binade; BF16, E7M0 and E8M0 (126 to 261 binades) keep the histogram.
-_MAX_UNROLLED_BINADES = 64
 
 
 def quantization_stats(
@@ -65,7 +75,7 @@ def quantization_stats(
     - ``amax``: ``max |x|`` (unscaled), for scale bookkeeping.
 
     Without ``q``, ``x`` is quantized (nearest, saturating) by :func:`quantize_with_stats`, which
-    reduces everything but the binade histogram in the rounding pass itself. ``q`` may pass an
+    reduces everything but the binade occupancy in the rounding pass itself. ``q`` may pass an
     already-quantized ``x * scale`` (any rounding) to measure that instead.
 
     Example:
@@ -74,7 +84,7 @@ def quantization_stats(
         (0.25, 0.25)
     """
     fmt = get_format(fmt)
-    if q is None:  # one fused pass: rounding and every reduction but the binade histogram
+    if q is None:  # one fused pass: rounding and every reduction but the binade occupancy
         q, stats = quantize_with_stats(x.detach(), fmt, scale)
         q = q.to(torch.float32)
     else:

@@ -311,8 +311,8 @@ def round_nearest_split(
     against each other on every tie, and both against ``ml_dtypes``).
 
     Why a second kernel: on CPUs Inductor vectorises a float<->int bit cast as a store, a scalar loop
-    and a load, which made the integer kernel's two casts most of its time; this one runs in about 60%
-    of it. It relies on two exact float32 facts:
+    and a load, which made the integer kernel's two casts most of its time; this one runs in 35-60% of
+    it (``benchmarks/RESULTS.md``). It relies on two exact float32 facts:
 
     - Normal range, Veltkamp's splitting: with ``t = a * (2**(23 - M) + 1)``, ``t - (t - a)`` is ``a``
       rounded to nearest (ties to even) on M + 1 significant bits.
@@ -429,14 +429,6 @@ def run_compiled(fn: types.FunctionType, *args, variant: tuple = (), use_compile
         return fn(*args)
 
 
-def run_kernel(*args, use_compile: bool | None = None, kernel: types.FunctionType | None = None) -> torch.Tensor:
-    """A rounding kernel (default :func:`round_to_format`) through :func:`run_compiled`, one compiled
-    variant per input dtype and static argument set (rounding, flags, stats, out dtype)."""
-    kernel = kernel or round_to_format
-    variant = (args[0].dtype, *(a for a in args[1:] if not isinstance(a, torch.Tensor) and a is not None))
-    return run_compiled(kernel, *args, variant=variant, use_compile=use_compile)
-
-
 def binade_histogram(q: torch.Tensor, lowest_exponent: int, num_binades: int) -> torch.Tensor:
     """How many nonzero finite values of ``q`` fall in each binade ``2**(lowest_exponent + i)``,
     ``i < num_binades`` (int32 counts; values outside are clamped to the end bins).
@@ -469,8 +461,9 @@ def binade_occupancy(q: torch.Tensor, inner_edges: torch.Tensor) -> torch.Tensor
 
     What :func:`binade_histogram` answers (``hist > 0``), by float comparisons alone: one boolean
     ``any`` per binade, which Inductor fuses into a single vectorised pass, where the histogram's bit
-    casts and ``scatter_add`` run as scalar loops on CPUs (2-4x slower for an FP8 format's 18-32
-    binades). The reductions are unrolled, so formats with hundreds of binades keep the histogram.
+    casts and ``scatter_add`` run as scalar loops on CPUs (1.5-2x slower for an FP8 format's 18-32
+    binades). The reductions are unrolled: uncompiled, each is a pass of its own, and formats with
+    hundreds of binades would make hundreds of them, so those keep the histogram.
     """
     m = q.abs().to(torch.float32)  # (N,)
     n = inner_edges.shape[0] + 1

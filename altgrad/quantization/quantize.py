@@ -122,7 +122,8 @@ def _build_plan(x_shape, x_dtype, fmt: FloatFormat, scale_sig, device: torch.dev
     if scale_sig is None:
         x_view_shape, s_view_shape = (math.prod(x_shape),), None
     else:
-        scale_shape, scale_device = scale_sig
+        scale_shape, scale_dtype, scale_device = scale_sig
+        _check_dtype(scale_dtype, "scale")
         if scale_device != device:
             raise ValueError(f"scale is on {scale_device} but x is on {device}")
         x_view_shape, s_view_shape = _view_shapes(x_shape, scale_shape)
@@ -142,22 +143,37 @@ def _build_plan(x_shape, x_dtype, fmt: FloatFormat, scale_sig, device: torch.dev
 _cached_plan = functools.lru_cache(maxsize=1024)(_build_plan)
 
 
-def kernel_plan(x: torch.Tensor, fmt: FloatFormat, scale: torch.Tensor | None, rounding: str, saturate: bool,
-                dequant: bool, stats: str, dtype: torch.dtype | None) -> KernelPlan:
-    """The :class:`KernelPlan` for quantizing ``x`` with these arguments (``x`` and ``scale`` checked
-    float tensors): cached per signature for eager calls; built afresh while a graph is traced (dynamo
-    would trace through the cache, and the graph keeps what it needs itself)."""
-    scale_sig = None if scale is None else (scale.shape, scale.device)
-    build = _build_plan if torch.compiler.is_compiling() else _cached_plan
-    return build(x.shape, x.dtype, fmt, scale_sig, x.device, rounding, bool(saturate), dequant, stats, dtype)
+def kernel_plan(x: torch.Tensor, fmt: FloatFormat, scale: torch.Tensor | float | None, rounding: str,
+                saturate: bool, dequant: bool, stats: str, dtype: torch.dtype | None) -> KernelPlan:
+    """The :class:`KernelPlan` for quantizing ``x`` (a checked float tensor) with these arguments, which it
+    checks in the order the public functions document: cached per signature for eager calls; built
+    afresh while a graph is traced (dynamo would trace through the cache, and the graph keeps what it
+    needs itself)."""
+    if scale is None:
+        scale_sig = None
+    elif isinstance(scale, torch.Tensor):
+        scale_sig = (scale.shape, scale.dtype, scale.device)
+    else:  # a number: a float32 scalar on x's device once the plan is made (float() raises on the rest)
+        scale_sig = (torch.Size(), torch.float32, x.device)
+    key = (x.shape, x.dtype, fmt, scale_sig, x.device, rounding, bool(saturate), dequant, stats, dtype)
+    if torch.compiler.is_compiling():
+        return _build_plan(*key)
+    try:
+        return _cached_plan(*key)
+    except TypeError:  # an unhashable argument (say, a list for `rounding`): the builder says what is wrong
+        return _build_plan(*key)
 
 
 def _check_tensor(x: torch.Tensor, what: str = "x") -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
+    _check_dtype(x.dtype, what)
+
+
+def _check_dtype(dtype: torch.dtype, what: str) -> None:
+    if dtype not in _FLOAT_DTYPES:
         raise TypeError(
-            f"{what} must be a float tensor ({', '.join(str(d) for d in _FLOAT_DTYPES)}), got {x.dtype}; "
+            f"{what} must be a float tensor ({', '.join(str(d) for d in _FLOAT_DTYPES)}), got {dtype}; "
             "integer tensors have no low-precision float image"
         )
 
@@ -177,7 +193,7 @@ def block_shape_of(x_shape: torch.Size, scale_shape: torch.Size) -> tuple[int, .
     padded = (1,) * (len(x_shape) - len(scale_shape)) + tuple(scale_shape)
     blocks = []
     for dim, (n, s) in enumerate(zip(x_shape, padded)):
-        if s == 0 or n % s != 0:
+        if (s == 0 and n != 0) or (s != 0 and n % s != 0):
             raise ValueError(
                 f"scale of shape {tuple(scale_shape)} does not tile x of shape {tuple(x_shape)}: along dim {dim}, "
                 f"{n} is not a multiple of {s}. Accepted scale shapes: one value (per tensor), x's shape with 1 "
@@ -194,6 +210,9 @@ def _view_shapes(x_shape: torch.Size, scale_shape: torch.Size) -> tuple[tuple[in
     per row and 1xN blocks become 2-D, 2-D tiles 4-D.
     """
     blocks = block_shape_of(x_shape, scale_shape)
+    if 0 in blocks or 0 in x_shape:  # an empty x: nothing to tile, only shapes that broadcast
+        scale_numel = math.prod(scale_shape)
+        return (scale_numel, 0), (scale_numel, 1)
     counts = [n // b for n, b in zip(x_shape, blocks)]
     dims: list[tuple[int, bool]] = []  # (size, indexed by scale?)
     for c, b in zip(counts, blocks):
@@ -232,11 +251,9 @@ def _seeds(device: torch.device, generator: torch.Generator | None) -> torch.Ten
 
 def _quantize_impl(x, fmt, scale, rounding, saturate, generator, dequant, stats="none", dtype=None):
     _check_tensor(x)
-    if scale is not None:
-        if not isinstance(scale, torch.Tensor):
-            scale = torch.tensor(float(scale), dtype=torch.float32, device=x.device)
-        _check_tensor(scale, "scale")
     plan = kernel_plan(x, get_format(fmt), scale, rounding, saturate, dequant, stats, dtype)
+    if scale is not None and not isinstance(scale, torch.Tensor):
+        scale = torch.tensor(float(scale), dtype=torch.float32, device=x.device)
     if stats != "none" and x.numel() == 0:  # nothing to reduce: an empty tensor's statistics are zeros
         zeros = (
             torch.zeros((), device=x.device)
