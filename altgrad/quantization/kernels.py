@@ -225,22 +225,32 @@ def round_to_format(
         finite = a_in < _F32_INF_BITS
         overflow = ((a_in > max_bits) & (a_in <= _F32_INF_BITS)).sum()
         underflow = ((a_in != 0) & ((r & _ABS_MASK) == 0)).sum()
-        xs64 = torch.where(finite, xf, 0.0).to(torch.float64)
-        err = torch.where(finite & ((r & _ABS_MASK) < _F32_INF_BITS), xs64 - q.to(torch.float64), 0.0)
-        amax_out = torch.stack(
-            [
-                amax_out.to(torch.float64),
-                overflow.to(torch.float64),
-                underflow.to(torch.float64),
-                xs64.square().sum(),
-                err.square().sum(),
-            ]
-        )
+        amax_out = _stats_sums(amax_out, xf, q, finite, (r & _ABS_MASK) < _F32_INF_BITS, overflow, underflow)
+    return _output(q, scale, dequantize, out_dtype, amax_out)
+
+
+def _stats_sums(amax_x, xs, q, finite, q_finite, overflow, underflow) -> torch.Tensor:
+    """The ``stats="full"`` vector (:data:`STATS_FIELDS`), float64: both kernels' statistics end here."""
+    xs64 = torch.where(finite, xs, 0.0).to(torch.float64)
+    err = torch.where(finite & q_finite, xs64 - q.to(torch.float64), 0.0)
+    return torch.stack(
+        [
+            amax_x.to(torch.float64),
+            overflow.to(torch.float64),
+            underflow.to(torch.float64),
+            xs64.square().sum(),
+            err.square().sum(),
+        ]
+    )
+
+
+def _output(q, scale, dequantize: bool, out_dtype: torch.dtype, stats_out: torch.Tensor | None):
+    """Both kernels' last step: divide the scale back out, cast, and attach the statistics if any."""
     if dequantize and scale is not None:
         q = q / scale
     if out_dtype != torch.float32:
         q = q.to(out_dtype)
-    return q if stats == "none" else (q, amax_out)
+    return q if stats_out is None else (q, stats_out)
 
 
 # ---------------------------------------------------------------------------- nearest, by splitting
@@ -338,23 +348,9 @@ def round_nearest_split(
     q = torch.where(xf != xf, math.nan, q)
     if stats == "full":  # round_to_format's statistics, by float comparisons (NaN compares false)
         mag = xf.abs()
-        finite = mag < math.inf
-        xs64 = torch.where(finite, xf, 0.0).to(torch.float64)
-        err = torch.where(finite & (q.abs() < math.inf), xs64 - q.to(torch.float64), 0.0)
-        amax_out = torch.stack(
-            [
-                amax_out.to(torch.float64),
-                (mag > max_value).sum().to(torch.float64),
-                ((xf != 0) & (q == 0)).sum().to(torch.float64),
-                xs64.square().sum(),
-                err.square().sum(),
-            ]
-        )
-    if dequantize and scale is not None:
-        q = q / scale
-    if out_dtype != torch.float32:
-        q = q.to(out_dtype)
-    return q if stats == "none" else (q, amax_out)
+        amax_out = _stats_sums(amax_out, xf, q, mag < math.inf, q.abs() < math.inf, (mag > max_value).sum(),
+                               ((xf != 0) & (q == 0)).sum())
+    return _output(q, scale, dequantize, out_dtype, amax_out)
 
 
 # ---------------------------------------------------------------------------- dispatch
