@@ -145,10 +145,10 @@ _cached_plan = functools.lru_cache(maxsize=1024)(_build_plan)
 
 def kernel_plan(x: torch.Tensor, fmt: FloatFormat, scale: torch.Tensor | float | None, rounding: str,
                 saturate: bool, dequant: bool, stats: str, dtype: torch.dtype | None) -> KernelPlan:
-    """The :class:`KernelPlan` for quantizing ``x`` (a checked float tensor) with these arguments, which it
-    checks in the order the public functions document: cached per signature for eager calls; built
-    afresh while a graph is traced (dynamo would trace through the cache, and the graph keeps what it
-    needs itself)."""
+    """The :class:`KernelPlan` for quantizing ``x`` (a checked float tensor) with these arguments, checked
+    in the order the public functions always have (rounding, output dtype, float8 use, then the scale):
+    cached per signature for eager calls; built afresh while a graph is traced (dynamo would trace
+    through the cache, and the graph keeps what it needs itself)."""
     if scale is None:
         scale_sig = None
     elif isinstance(scale, torch.Tensor):
