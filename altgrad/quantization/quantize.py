@@ -210,7 +210,7 @@ def _view_shapes(x_shape: torch.Size, scale_shape: torch.Size) -> tuple[tuple[in
     per row and 1xN blocks become 2-D, 2-D tiles 4-D.
     """
     blocks = block_shape_of(x_shape, scale_shape)
-    if 0 in blocks or 0 in x_shape:  # an empty x: nothing to tile, only shapes that broadcast
+    if 0 in x_shape:  # an empty x: nothing to tile, only shapes that broadcast
         scale_numel = math.prod(scale_shape)
         return (scale_numel, 0), (scale_numel, 1)
     counts = [n // b for n, b in zip(x_shape, blocks)]
